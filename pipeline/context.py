@@ -1,0 +1,50 @@
+"""What a stage sees while it runs: config, inputs, upstream entries, where to write, how to report."""
+from __future__ import annotations
+
+import dataclasses
+import sys
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from pipeline.artifacts import ArtifactStore, read_json, stable_hash, write_json
+from pipeline.errors import InputError
+from pipeline.images import ImageRecord
+
+ITEMS = "items.json"
+
+
+@dataclasses.dataclass
+class Context:
+    cfg: "Config"  # noqa: F821 (pipeline.config imports the stages, so no import here)
+    images: list[ImageRecord]
+    store: ArtifactStore
+    out: Path  # the temporary folder of the entry being written
+    upstream: dict[str, Path]  # finished entries of upstream stages, by stage name
+    device: torch.device
+    skipped: list[dict] = dataclasses.field(default_factory=list)
+
+    def skip(self, rel: str, reason: str) -> None:
+        """Record a bad input; with `strict`, stop at the first."""
+        if self.cfg.strict:
+            raise InputError(f"{rel}: {reason} (strict mode stops at the first bad image)")
+        tqdm.write(f"skipped {rel}: {reason}", file=sys.stderr)
+        self.skipped.append({"image": rel, "reason": reason})
+
+    def progress(self, iterable, desc: str, total: int | None = None):
+        return tqdm(iterable, desc=desc, total=total, unit="img", disable=None, leave=False, dynamic_ncols=True)
+
+    def upstream_items(self, stage: str) -> list[dict]:
+        return read_json(self.upstream[stage] / ITEMS)
+
+
+def item_key(stage: str, version: int, params, parent: str) -> str:
+    """Key of one image's result in a per-image stage: its parameters and its parent (image fingerprint
+    or upstream item key), so a changed folder reuses every unchanged image's work."""
+    return stable_hash({"stage": stage, "version": version, "params": params, "parent": parent})
+
+
+def write_items(out: Path, items: list[dict]) -> None:
+    """Per-image stages list which per-image results (in input order) make up their entry."""
+    write_json(out / ITEMS, items)

@@ -1,0 +1,154 @@
+"""Runs the stages in their fixed order, taking every entry whose key is unchanged from the cache.
+
+A stage's key hashes its name, VERSION, the config it reads (`key_params`), its upstream keys and
+the fingerprint of the input images, so changing one parameter reruns that stage and its
+dependants and nothing else.
+"""
+from __future__ import annotations
+
+import dataclasses
+import sys
+import time
+from pathlib import Path
+from types import ModuleType
+
+import torch
+
+from pipeline.artifacts import ArtifactStore, read_json, stable_hash, write_json
+from pipeline.config import Config
+from pipeline.context import Context
+from pipeline.errors import ConfigError, InputError
+from pipeline.images import ImageRecord, dataset_fingerprint, list_images
+from stages import cluster, embed, objects, pseudo_masks, saliency
+
+STATE = "state.json"  # the last invocation's images folder, config and finished keys
+
+
+@dataclasses.dataclass(frozen=True)
+class Stage:
+    name: str
+    module: ModuleType
+    upstream: tuple[str, ...]
+
+    def params(self, cfg: Config):
+        return getattr(cfg, self.name)
+
+
+STAGES = (
+    Stage("saliency", saliency, ()),
+    Stage("objects", objects, ("saliency",)),
+    Stage("embed", embed, ("objects",)),
+    Stage("cluster", cluster, ("embed",)),
+    Stage("pseudo_masks", pseudo_masks, ("embed", "cluster")),
+)
+STAGE_NAMES = tuple(s.name for s in STAGES)
+
+
+@dataclasses.dataclass(frozen=True)
+class Workdir:
+    root: Path
+
+    @property
+    def store(self) -> ArtifactStore:
+        return ArtifactStore(self.root / "cache")
+
+    def state(self) -> dict:
+        path = self.root / STATE
+        if not path.is_file():
+            raise InputError(f"{self.root} has no finished run yet (no {STATE}); start with `run`")
+        return read_json(path)
+
+    def latest_entry(self, stage: str) -> Path:
+        """The entry of `stage` from the last run, e.g. for evaluate and export."""
+        key = self.state().get("keys", {}).get(stage)
+        entry = self.store.lookup(stage, key) if key else None
+        if entry is None:
+            raise InputError(f"{self.root}: no finished {stage} entry; run the pipeline first")
+        return entry
+
+
+def stage_keys(cfg: Config, images: list[ImageRecord]) -> dict[str, str]:
+    inputs = dataset_fingerprint(images)
+    keys: dict[str, str] = {}
+    for stage in STAGES:
+        keys[stage.name] = stable_hash({"stage": stage.name, "version": stage.module.VERSION,
+                                        "params": stage.module.key_params(cfg),
+                                        "upstream": {u: keys[u] for u in stage.upstream}, "inputs": inputs})
+    return keys
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("device=cuda but no CUDA device is available (use device=cpu or device=auto)")
+    return torch.device(name)
+
+
+def run(cfg: Config, images_dir: str | Path, workdir: str | Path, start: str | None = None, only: bool = False,
+        log=print) -> dict[str, str]:
+    """Bring the stages up to date, taking unchanged ones from the cache; return their keys.
+
+    With `start`, `only` stops after that stage (by default its dependants are brought up to date
+    too, so the workdir stays consistent). Upstream stages come from the cache (computed if missing)."""
+    if start is not None and start not in STAGE_NAMES:
+        raise ConfigError(f"unknown stage {start!r} (stages: {', '.join(STAGE_NAMES)})")
+    until = start if only else STAGE_NAMES[-1]
+    device = resolve_device(cfg.device)
+    images = list_images(images_dir, cfg.hash_content)
+    wd = Workdir(Path(workdir))
+    store = wd.store
+    keys = stage_keys(cfg, images)
+    todo = STAGES[:STAGE_NAMES.index(until) + 1]
+    to_compute = [s for s in todo if store.lookup(s.name, keys[s.name]) is None]
+    for stage in to_compute:  # fail on bad config and missing inputs before any work
+        check = getattr(stage.module, "check", None)
+        if check:
+            check(Context(cfg, images, store, Path(), {}, device), stage.params(cfg))
+    torch.manual_seed(cfg.seed)
+    finished = dict(read_json(wd.root / STATE).get("keys", {})) if (wd.root / STATE).is_file() else {}
+    for stage in todo:
+        key = keys[stage.name]
+        started = time.perf_counter()
+        if stage in to_compute:
+            tmp = store.begin(stage.name, key)
+            ctx = Context(cfg, images, store, tmp, {u: store.entry(u, keys[u]) for u in stage.upstream}, device)
+            counts = stage.module.run(ctx, stage.params(cfg))
+            seconds = time.perf_counter() - started
+            store.commit(stage.name, key, tmp, {
+                "version": stage.module.VERSION, "params": stage.module.key_params(cfg),
+                "upstream": {u: keys[u] for u in stage.upstream}, "inputs": dataset_fingerprint(images),
+                "counts": counts, "skipped": ctx.skipped, "seconds": round(seconds, 3)})
+            log(f"{stage.name:<13} computed  {key[:12]}  {seconds:8.1f}s  {_summary(counts)}")
+        else:
+            log(f"{stage.name:<13} cached    {key[:12]}")
+        finished[stage.name] = key
+        write_json(wd.root / STATE, {"images": str(Path(images_dir).resolve()), "config": cfg.to_dict(), "keys": finished})
+    return keys
+
+
+def status(workdir: str | Path) -> list[dict]:
+    """Each stage of the last run's config, against the images folder as it is now: cached / stale / missing."""
+    from pipeline.config import load_config_dict
+
+    wd = Workdir(Path(workdir))
+    state = wd.state()
+    cfg = load_config_dict(state["config"])
+    keys = stage_keys(cfg, list_images(state["images"], cfg.hash_content))
+    rows = []
+    for stage in STAGES:
+        key = keys[stage.name]
+        entry = wd.store.lookup(stage.name, key)
+        if entry is not None:
+            manifest = wd.store.manifest(stage.name, key)
+            rows.append({"stage": stage.name, "status": "cached", "key": key, "bytes": wd.store.size_bytes(stage.name, key),
+                         "seconds": manifest.get("seconds"), "finished": manifest.get("finished")})
+        else:
+            older = wd.store.finished_keys(stage.name)
+            rows.append({"stage": stage.name, "status": "stale" if older else "missing", "key": key,
+                         "bytes": None, "seconds": None, "finished": None})
+    return rows
+
+
+def _summary(counts: dict) -> str:
+    return " ".join(f"{k}={v}" for k, v in counts.items() if not isinstance(v, (list, dict)))
