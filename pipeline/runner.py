@@ -106,7 +106,6 @@ def run(cfg: Config, images_dir: str | Path, workdir: str | Path, start: str | N
         if check:
             check(Context(cfg, images, store, Path(), {}, device), stage.params(cfg))
     torch.manual_seed(cfg.seed)
-    finished = dict(read_json(wd.root / STATE).get("keys", {})) if (wd.root / STATE).is_file() else {}
     for stage in todo:
         key = keys[stage.name]
         started = time.perf_counter()
@@ -122,8 +121,9 @@ def run(cfg: Config, images_dir: str | Path, workdir: str | Path, start: str | N
             log(f"{stage.name:<13} computed  {key[:12]}  {seconds:8.1f}s  {_summary(counts)}")
         else:
             log(f"{stage.name:<13} cached    {key[:12]}")
-        finished[stage.name] = key
-        write_json(wd.root / STATE, {"images": str(Path(images_dir).resolve()), "config": cfg.to_dict(), "keys": finished})
+    # Only a complete run becomes the workdir's state, so evaluate and export never mix two configs.
+    write_json(wd.root / STATE, {"images": str(Path(images_dir).resolve()), "config": cfg.to_dict(),
+                                 "keys": {s.name: keys[s.name] for s in todo}})
     return keys
 
 

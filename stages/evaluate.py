@@ -123,7 +123,7 @@ def evaluate_workdir(workdir: Path, labels_dir: Path, source: str = "pseudo_mask
             accumulate(confusion, *read_pair(entry / item["mask"], labels[item["image"]]))
     present = np.flatnonzero(confusion.sum(axis=0))
     num_classes = int(present.max()) + 1 if len(present) else 1
-    num_predicted = wd.state()["config"]["cluster"]["k"] + 1
+    num_predicted = read_json(entry / "manifest.json")["counts"]["classes"]
     stray = np.flatnonzero(confusion[num_predicted:IGNORE].sum(axis=1))
     if len(stray):
         raise InputError(f"{entry}: predicted id {num_predicted + int(stray[0])} is outside 0..{num_predicted - 1} and 255")

@@ -46,9 +46,9 @@ def export_workdir(workdir: Path, to: Path) -> dict:
             shutil.copyfile(entry / item["mask"], tmp / "masks" / f"{image_id}.png")
             ids.append(image_id)
         (tmp / "train.txt").write_text("".join(f"{i}\n" for i in ids))
-        k = state["config"]["cluster"]["k"]
-        meta = {"num_classes": k + 1, "ignore_index": 255,
-                "classes": ["background"] + [f"cluster_{c}" for c in range(k)],
+        classes = read_json(entry / "manifest.json")["counts"]["classes"]
+        meta = {"num_classes": classes, "ignore_index": 255,
+                "classes": ["background"] + [f"cluster_{c}" for c in range(classes - 1)],
                 "images": len(ids), "reencoded_images": reencoded, "source_images": str(images_root),
                 "artifact_keys": state["keys"], "config": state["config"]}
         write_json(tmp / "meta.json", meta)

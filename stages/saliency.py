@@ -157,6 +157,9 @@ class _OnnxSaliency:
         model_input = self.session.get_inputs()[0]
         self.input_name = model_input.name
         fixed = [d for d in model_input.shape[2:] if isinstance(d, int)]
+        if fixed and params.input_size and params.input_size != fixed[0]:
+            raise ConfigError(f"saliency.input_size={params.input_size} but {params.model} takes {fixed[0]}x{fixed[0]} "
+                              f"inputs; leave saliency.input_size=0 to use the model's own")
         self.side = params.input_size or (fixed[0] if fixed else 0)
         if not self.side:
             raise ConfigError(f"{params.model} has a dynamic input size: set saliency.input_size")

@@ -1,0 +1,42 @@
+"""Shared fixtures: synthetic labelled images made by code, a tiny random config, paths to ../shared."""
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+
+from pipeline.config import load_config
+from pipeline.demo import make_shapes
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = ROOT.parent / "shared"
+VOC = SHARED / "data" / "voc12-trainaug-330"
+MOBILENET = SHARED / "models" / "mobilenetv2_imagenet_bottleneck.pt"
+ISNET = SHARED / "models" / "isnet_fp16.onnx"
+
+TINY = ("backbone.name=vit_tiny_random", "workers=0", "cluster.k=3", "cluster.nredo=2", "cluster.niter=20",
+        "saliency.input_size=112")
+
+
+def tiny_config(*overrides: str):
+    """A config on the tiny random ViT: every stage runs in well under a second on synthetic images."""
+    return load_config(overrides=[*TINY, *overrides])
+
+
+@pytest.fixture(scope="session")
+def shapes_dir(tmp_path_factory) -> Path:
+    """10 synthetic scenes (images/, labels/), made once per session; copy before changing them."""
+    root = tmp_path_factory.mktemp("shapes")
+    make_shapes(root, 10, size=(160, 120))
+    return root
+
+
+@pytest.fixture
+def images(shapes_dir, tmp_path) -> Path:
+    """A private copy of the synthetic images, free to change."""
+    return Path(shutil.copytree(shapes_dir / "images", tmp_path / "images"))
+
+
+def quiet(*args, **kwargs):
+    pass
