@@ -31,7 +31,7 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
     _common(commands.add_parser("run", help="run every stage, taking unchanged ones from the cache"))
     stage = commands.add_parser("stage", help="(re)run one stage and what depends on it; upstream comes from the cache")
-    stage.add_argument("name", help="saliency | objects | embed | cluster | pseudo_masks")
+    stage.add_argument("name", help="saliency | objects | embed | cluster | pseudo_masks | train")
     stage.add_argument("--only", action="store_true", help="stop after this stage")
     _common(stage)
     status = commands.add_parser("status", help="each stage: cached / stale / missing, key, size, time")
@@ -42,7 +42,8 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate = commands.add_parser("evaluate", help="Hungarian-matched mIoU against ground-truth label PNGs")
     evaluate.add_argument("--workdir", default=DEFAULT_WORKDIR)
     evaluate.add_argument("--labels", required=True, help="folder of label PNGs named like the images")
-    evaluate.add_argument("--source", default="pseudo_masks", choices=("pseudo_masks",))
+    evaluate.add_argument("--source", default="pseudo_masks", choices=("pseudo_masks", "segmenter"),
+                          help="the pseudo masks, or the trained segmenter's predictions on the same images")
     demo = commands.add_parser("demo", help="make a sample image set and run the whole pipeline on it, offline")
     demo.add_argument("--workdir", default="runs/demo")
     demo.add_argument("--images", type=int, default=48, help="how many sample images to generate")

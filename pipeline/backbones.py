@@ -164,20 +164,26 @@ class Backbone(nn.Module):
 
 
 def build_backbone(params: BackboneParams) -> Backbone:
+    trunk, family = build_trunk(params)
+    return Backbone(params.name, trunk, family)
+
+
+def build_trunk(params: BackboneParams, dilated: bool = False) -> tuple[nn.Module, str]:
+    """The named trunk (classifier removed) with its weights loaded strictly; `dilated` gives ResNets
+    output stride 8 (dilation in layer3 and layer4, the same weights), as DeepLabv3 uses."""
     if params.name not in SPECS:
-        raise ConfigError(f"backbone.name={params.name} is unknown (choose from {', '.join(SPECS)})")
+        raise ConfigError(f"backbone {params.name} is unknown (choose from {', '.join(SPECS)})")
     spec = SPECS[params.name]
     weights = resolve_weights(params)
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)  # random backbones are reproducible, so their results can be cached
-        trunk = spec.build()
+        torch.manual_seed(0)  # random trunks are reproducible, so their results can be cached
+        trunk = _TV.resnet50(replace_stride_with_dilation=[False, True, True]) if dilated and spec.family == "resnet" \
+            else spec.build()
     if spec.family != "vit":
         _drop_classifier(trunk, spec.family)
     if weights is not None:
-        state = load_state_dict(weights)
-        state = _to_trunk_layout(state, spec.family)
-        _load_strict(trunk, state, weights)
-    return Backbone(params.name, trunk, spec.family)
+        _load_strict(trunk, _to_trunk_layout(load_state_dict(weights), spec.family), weights)
+    return trunk, spec.family
 
 
 def load_state_dict(path: Path) -> dict[str, torch.Tensor]:

@@ -16,7 +16,7 @@ import yaml
 
 from pipeline.backbones import BackboneParams
 from pipeline.errors import ConfigError
-from stages import cluster, embed, objects, pseudo_masks, saliency
+from stages import cluster, embed, objects, pseudo_masks, saliency, train
 
 DEVICES = ("cpu", "cuda", "auto")
 
@@ -29,6 +29,7 @@ class Config:
     embed: embed.Params = embed.Params()
     cluster: cluster.Params = cluster.Params()
     pseudo_masks: pseudo_masks.Params = pseudo_masks.Params()
+    train: train.Params = train.Params()
     seed: int = 0
     device: Literal["cpu", "cuda", "auto"] = "cpu"
     workers: int = 2

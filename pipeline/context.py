@@ -23,6 +23,7 @@ class Context:
     out: Path  # the temporary folder of the entry being written
     upstream: dict[str, Path]  # finished entries of upstream stages, by stage name
     device: torch.device
+    key: str = ""  # the key of the entry being written
     skipped: list[dict] = dataclasses.field(default_factory=list)
 
     def skip(self, rel: str, reason: str) -> None:

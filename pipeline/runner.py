@@ -7,19 +7,21 @@ dependants and nothing else.
 from __future__ import annotations
 
 import dataclasses
-import sys
+import os
+import shutil
 import time
 from pathlib import Path
 from types import ModuleType
 
 import torch
+import torch.distributed as dist
 
 from pipeline.artifacts import ArtifactStore, read_json, stable_hash, write_json
 from pipeline.config import Config
 from pipeline.context import Context
 from pipeline.errors import ConfigError, InputError
 from pipeline.images import ImageRecord, dataset_fingerprint, list_images
-from stages import cluster, embed, objects, pseudo_masks, saliency
+from stages import cluster, embed, objects, pseudo_masks, saliency, train
 
 STATE = "state.json"  # the last invocation's images folder, config and finished keys
 
@@ -40,7 +42,9 @@ STAGES = (
     Stage("embed", embed, ("objects",)),
     Stage("cluster", cluster, ("embed",)),
     Stage("pseudo_masks", pseudo_masks, ("embed", "cluster")),
+    Stage("train", train, ("pseudo_masks",)),
 )
+DISTRIBUTED = ("train",)  # the stages that run in every process under torchrun
 STAGE_NAMES = tuple(s.name for s in STAGES)
 
 
@@ -105,15 +109,19 @@ def run(cfg: Config, images_dir: str | Path, workdir: str | Path, start: str | N
         check = getattr(stage.module, "check", None)
         if check:
             check(Context(cfg, images, store, Path(), {}, device), stage.params(cfg))
+    rank = _join_process_group(device, [s.name for s in to_compute])
     torch.manual_seed(cfg.seed)
     for stage in todo:
         key = keys[stage.name]
         started = time.perf_counter()
         if stage in to_compute:
             tmp = store.begin(stage.name, key)
-            ctx = Context(cfg, images, store, tmp, {u: store.entry(u, keys[u]) for u in stage.upstream}, device)
+            ctx = Context(cfg, images, store, tmp, {u: store.entry(u, keys[u]) for u in stage.upstream}, device, key)
             counts = stage.module.run(ctx, stage.params(cfg))
             seconds = time.perf_counter() - started
+            if rank:  # under torchrun, rank 0 alone writes the entry
+                shutil.rmtree(tmp)
+                continue
             store.commit(stage.name, key, tmp, {
                 "version": stage.module.VERSION, "params": stage.module.key_params(cfg),
                 "upstream": {u: keys[u] for u in stage.upstream}, "inputs": dataset_fingerprint(images),
@@ -121,10 +129,27 @@ def run(cfg: Config, images_dir: str | Path, workdir: str | Path, start: str | N
             log(f"{stage.name:<13} computed  {key[:12]}  {seconds:8.1f}s  {_summary(counts)}")
         else:
             log(f"{stage.name:<13} cached    {key[:12]}")
+    if rank:
+        return keys
     # Only a complete run becomes the workdir's state, so evaluate and export never mix two configs.
     write_json(wd.root / STATE, {"images": str(Path(images_dir).resolve()), "config": cfg.to_dict(),
                                  "keys": {s.name: keys[s.name] for s in todo}})
     return keys
+
+
+def _join_process_group(device: torch.device, to_compute: list[str]) -> int:
+    """Under torchrun (WORLD_SIZE > 1), join the process group and return this process's rank; else 0."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return 0
+    serial = [name for name in to_compute if name not in DISTRIBUTED]
+    if serial:
+        raise ConfigError(f"under torchrun only {', '.join(DISTRIBUTED)} runs in every process; run the stages "
+                          f"{', '.join(serial)} first without torchrun (`run_pipeline.py stage {serial[0]} ... --only`)")
+    if not dist.is_initialized():
+        if device.type == "cuda":
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return dist.get_rank()
 
 
 def status(workdir: str | Path) -> list[dict]:

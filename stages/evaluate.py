@@ -104,8 +104,11 @@ def foreground_iou(mask_and_label: list[tuple[Path, Path]]) -> dict:
             "images": len(per_image)}
 
 
+SOURCES = {"pseudo_masks": "pseudo_masks", "segmenter": "train"}  # what is evaluated -> the stage that made it
+
+
 def evaluate_workdir(workdir: Path, labels_dir: Path, source: str = "pseudo_masks") -> dict:
-    """Metrics of the last run's pseudo masks (or later the segmenter's predictions) and saliency masks;
+    """Metrics of the last run's pseudo masks or segmenter predictions, and of its saliency masks;
     written to `<workdir>/evaluation/<source>/metrics.json`."""
     from pipeline.artifacts import read_json, write_json
     from pipeline.context import ITEMS
@@ -114,7 +117,7 @@ def evaluate_workdir(workdir: Path, labels_dir: Path, source: str = "pseudo_mask
     from tqdm import tqdm
 
     wd = Workdir(Path(workdir))
-    entry = wd.latest_entry(source)
+    entry = wd.latest_entry(SOURCES[source])
     items = read_json(entry / ITEMS)
     labels = label_files(Path(labels_dir), [i["image"] for i in items])
     confusion = np.zeros((256, 256), dtype=np.int64)

@@ -54,12 +54,12 @@ def run(ctx: Context, params: Params) -> dict:
     for entry in ctx.progress(ctx.upstream_items("saliency"), "objects"):
         key = item_key("objects", VERSION, kp, entry["key"])
         path = object_file(ctx.store, key)
-        if not path.is_file():
-            mask = _read_mask(mask_file(ctx.store, entry["key"]))
-            object_map, boxes = find_objects(mask, params)
+        if path.is_file():
+            count = len(load_objects(path)[1])
+        else:
+            object_map, boxes = find_objects(_read_mask(mask_file(ctx.store, entry["key"])), params)
             _save(path, object_map, boxes)
-            computed += 1
-        count = len(load_objects(path)[1])
+            computed, count = computed + 1, len(boxes)
         total_objects += count
         items.append({"image": entry["image"], "key": key, "objects": count})
     write_items(ctx.out, items)

@@ -28,19 +28,20 @@ def key_params(cfg) -> dict:
 
 def run(ctx: Context, params: Params) -> dict:
     items = ctx.upstream_items("embed")
-    rows = np.load(ctx.upstream["embed"] / "objects.npz")
+    with np.load(ctx.upstream["embed"] / "objects.npz") as rows:
+        image_index, object_id = rows["image_index"], rows["object_id"]
     assignment = np.load(ctx.upstream["cluster"] / "assignments.npy")
     core = np.load(ctx.upstream["cluster"] / "core.npy")
     label_of_row = np.where(core, assignment + 1, IGNORE)
     # Rows are grouped by image in item order: one lookup table per image maps object id -> label.
-    starts = np.searchsorted(rows["image_index"], np.arange(len(items) + 1))
+    starts = np.searchsorted(image_index, np.arange(len(items) + 1))
     written = []
     for position, item in enumerate(ctx.progress(items, "pseudo_masks")):
         object_map, _ = load_objects(object_file(ctx.store, item["objects_key"]))
         lut = np.full(256, IGNORE, dtype=np.uint8)  # ids without a row (none expected) stay ignore
         lut[0] = 0
         first, last = starts[position], starts[position + 1]
-        lut[rows["object_id"][first:last]] = label_of_row[first:last]
+        lut[object_id[first:last]] = label_of_row[first:last]
         name = f"masks/{stem_of(item['image'])}.png"
         write_label_png(ctx.out / name, lut[object_map])
         written.append({"image": item["image"], "mask": name})

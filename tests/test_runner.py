@@ -43,8 +43,8 @@ def test_changing_k_recomputes_only_cluster_and_pseudo_masks(images, tmp_path):
     before, _ = _run(images, tmp_path / "wd")
     after, done = _run(images, tmp_path / "wd", "cluster.k=4", start="cluster")
     assert done == {"saliency": "cached", "objects": "cached", "embed": "cached",
-                    "cluster": "computed", "pseudo_masks": "computed"}
-    assert [after[s] == before[s] for s in runner.STAGE_NAMES] == [True, True, True, False, False]
+                    "cluster": "computed", "pseudo_masks": "computed", "train": "computed"}
+    assert [after[s] == before[s] for s in runner.STAGE_NAMES] == [True, True, True, False, False, False]
 
 
 def test_changing_objects_params_keeps_saliency(images, tmp_path):

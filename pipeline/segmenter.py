@@ -1,0 +1,114 @@
+"""DeepLabv3 segmenter: torchvision's DeepLabHead (ASPP) on a configurable trunk, and its checkpoints.
+
+Trunks: ResNet-50 dilated to output stride 8 (as COMUS), MobileNetV2 (stride 32, fast on CPU), or a
+ViT's patch tokens. Checkpoints are self-describing (format, backbone, class count, config, epoch,
+optimizer, scaler, RNG states), written atomically and read with `weights_only=True`, so `predict`
+needs nothing but the file.
+"""
+from __future__ import annotations
+
+import dataclasses
+import random
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torchvision.models.segmentation.deeplabv3 import DeepLabHead
+
+from pipeline.artifacts import atomic_write
+from pipeline.backbones import IMAGENET_MEAN, IMAGENET_STD, BackboneParams, build_trunk
+from pipeline.errors import InputError
+
+FORMAT = "objseg.segmenter/1"
+CHANNELS = {"resnet": 2048, "mobilenet_v2": 1280}
+
+
+class Segmenter(nn.Module):
+    def __init__(self, backbone: BackboneParams, num_classes: int):
+        super().__init__()
+        self.trunk, self.family = build_trunk(backbone, dilated=True)
+        channels = self.trunk.embed_dim if self.family == "vit" else CHANNELS[self.family]
+        self.head = DeepLabHead(channels, num_classes)
+        self.patch = self.trunk.patch_embed.patch_size[0] if self.family == "vit" else 8
+        self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        if self.family == "mobilenet_v2":
+            return self.trunk.features(x)
+        if self.family == "resnet":
+            t = self.trunk
+            x = t.maxpool(t.relu(t.bn1(t.conv1(x))))
+            return t.layer4(t.layer3(t.layer2(t.layer1(x))))
+        tokens = self.trunk.forward_features(x)[:, self.trunk.num_prefix_tokens:]
+        h, w = x.shape[2] // self.patch, x.shape[3] // self.patch
+        return tokens.transpose(1, 2).reshape(x.shape[0], -1, h, w)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits (N, classes, H, W) for ImageNet-normalised images (N, 3, H, W)."""
+        return F.interpolate(self.head(self.features(x)), size=x.shape[-2:], mode="bilinear", align_corners=False)
+
+    @torch.inference_mode()
+    def predict(self, rgb: np.ndarray, short_side: int) -> np.ndarray:
+        """Class ids (H, W) of one uint8 RGB image, inferred with its short side at `short_side`."""
+        height, width = rgb.shape[:2]
+        scale = short_side / min(height, width)
+        size = [max(self.patch, round(d * scale / self.patch) * self.patch) for d in (height, width)]
+        device = self.mean.device
+        x = torch.from_numpy(rgb).permute(2, 0, 1)[None].to(device).float() / 255
+        x = (F.interpolate(x, size=size, mode="bilinear", align_corners=False, antialias=True) - self.mean) / self.std
+        logits = self(x)
+        logits = F.interpolate(logits.float(), size=(height, width), mode="bilinear", align_corners=False)
+        return logits.argmax(1)[0].to(torch.uint8).cpu().numpy()
+
+
+def rng_state() -> dict:
+    np_state = np.random.get_state()
+    return {"torch": torch.get_rng_state(), "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)),
+                                                      *np_state[2:]],
+            "python": random.getstate(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    name, keys, *rest = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), *rest))
+    random.setstate(tuple(tuple(x) if isinstance(x, list) else x for x in state["python"]))
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_checkpoint(path: Path, model: nn.Module, meta: dict, optimizer=None, scaler=None) -> None:
+    """Atomically write a self-describing checkpoint; `meta` holds backbone, num_classes, config, round, epoch..."""
+    payload = {"format": FORMAT, **meta, "model": model.state_dict(), "rng": rng_state(),
+               "optimizer": optimizer.state_dict() if optimizer else None, "scaler": scaler.state_dict() if scaler else None}
+    atomic_write(Path(path), lambda tmp: torch.save(payload, tmp))
+
+
+def load_checkpoint(path: Path, num_classes: int | None = None, backbone: str | None = None) -> dict:
+    """Read a checkpoint of ours, checking it fits the expected class count and backbone when given."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"checkpoint not found: {path}")
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # unpickling refused, truncated zip, not a torch file at all
+        raise InputError(f"{path}: not a readable checkpoint ({type(exc).__name__}: {str(exc).splitlines()[0][:200]})") from None
+    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
+        raise InputError(f"{path}: not an objseg segmenter checkpoint (format {payload.get('format') if isinstance(payload, dict) else None!r})")
+    if num_classes is not None and payload["num_classes"] != num_classes:
+        raise InputError(f"{path} is for {payload['num_classes']} classes, not {num_classes}")
+    if backbone is not None and payload["backbone"]["name"] != backbone:
+        raise InputError(f"{path} is for backbone {payload['backbone']['name']}, not {backbone}")
+    return payload
+
+
+def segmenter_from_checkpoint(path: Path, device: torch.device) -> tuple[Segmenter, dict]:
+    payload = load_checkpoint(path)
+    # The trunk's weights come from the checkpoint, so build it untrained rather than from a file.
+    backbone = dataclasses.replace(BackboneParams(**payload["backbone"]), weights="random")
+    model = Segmenter(backbone, payload["num_classes"])
+    model.load_state_dict(payload["model"])
+    return model.to(device).eval(), payload

@@ -1,0 +1,248 @@
+"""Train: a DeepLabv3 segmenter learns from the pseudo masks, then from its own predictions.
+
+Round 1 learns the pseudo masks (CrossEntropy, ignore 255) with Adam (COMUS: lr 6e-5), random
+rescaling (0.5-2x), crop and flip applied to image and mask alike. Each later round trains a fresh
+model on the previous round's predictions over the training images, which fill in objects the
+saliency stage missed (COMUS's self-training). Checkpoints go to a work folder that survives a kill,
+so an interrupted `train` resumes at its last epoch. Under `torchrun`, DDP with a DistributedSampler
+splits each global batch over the processes (gloo on CPU, nccl and SyncBatchNorm on GPU); rank 0
+alone writes. Augmentations are seeded per (seed, round, epoch, image), so the data a step sees
+does not depend on the number of processes or workers.
+"""
+from __future__ import annotations
+
+import contextlib
+import csv
+import dataclasses
+import os
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from PIL import Image
+from torch import nn
+from torchvision import tv_tensors
+from torchvision.transforms import v2
+
+from pipeline.artifacts import read_json, write_json
+from pipeline.backbones import IMAGENET_MEAN, IMAGENET_STD, BackboneName, BackboneParams, resolve_weights
+from pipeline.context import ITEMS, Context, write_items
+from pipeline.errors import ConfigError, InputError
+from pipeline.images import BadImage, load_rgb, read_label_png, stem_of, write_label_png
+from pipeline.segmenter import Segmenter, load_checkpoint, save_checkpoint, set_rng_state
+
+VERSION = 1
+IGNORE = 255
+
+
+@dataclasses.dataclass(frozen=True)
+class Params:
+    backbone: BackboneName = "resnet50"  # the segmenter's trunk (resnet50 is dilated to output stride 8)
+    weights: str = ""  # trunk weights: a file, "" = torch.hub's cache, "random" = untrained, by request only
+    rounds: int = 1  # 1 = learn the pseudo masks; each further round learns the previous round's predictions
+    epochs: int = 10  # per round
+    batch_size: int = 8  # global: split over the processes under torchrun
+    lr: float = 6e-5
+    weight_decay: float = 0.0
+    crop_size: int = 512
+    base_size: int = 520  # short side is rescaled to a random size in [0.5, 2] x base_size; predictions use base_size
+
+    def __post_init__(self):
+        for name in ("rounds", "epochs", "batch_size", "crop_size", "base_size"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.lr <= 0:
+            raise ConfigError(f"lr must be > 0, got {self.lr}")
+
+
+def key_params(cfg) -> dict:
+    return {**dataclasses.asdict(cfg.train), "seed": cfg.seed}
+
+
+def check(ctx: Context, params: Params) -> None:
+    resolve_weights(BackboneParams(params.backbone, params.weights))
+    world = _world()[1]
+    if params.batch_size % world:
+        raise ConfigError(f"train.batch_size={params.batch_size} does not split over {world} processes")
+
+
+def run(ctx: Context, params: Params) -> dict:
+    rank, world = _world()
+    entry = ctx.upstream["pseudo_masks"]
+    items = read_json(entry / ITEMS)
+    num_classes = read_json(entry / "manifest.json")["counts"]["classes"]
+    records = {r.rel: r for r in ctx.images}
+    images = [records[i["image"]].path for i in items]
+    _check_pairs(images, [entry / i["mask"] for i in items])
+    work = ctx.store.root / "train" / f"{ctx.key}.work"  # survives kills; the entry is made from it at the end
+    work.mkdir(parents=True, exist_ok=True)
+    targets = [entry / i["mask"] for i in items]
+    log_rows = []
+    for round_index in range(1, params.rounds + 1):
+        final = work / f"round{round_index}_final.pt"
+        if not final.is_file():
+            log_rows += _train_round(ctx, params, round_index, images, targets, num_classes, work, rank, world)
+        else:
+            log_rows += load_checkpoint(final)["log"]
+        targets = _predict_all(ctx, params, final, images, [i["image"] for i in items],
+                               work / f"round{round_index}_masks", rank, world)
+    if rank == 0:
+        last = work / f"round{params.rounds}_final.pt"
+        shutil.copyfile(last, ctx.out / "latest.pt")
+        shutil.copyfile(work / f"round{params.rounds}_best.pt", ctx.out / "best.pt")
+        shutil.copytree(work / f"round{params.rounds}_masks", ctx.out / "masks")
+        write_items(ctx.out, [{"image": i["image"], "mask": f"masks/{stem_of(i['image'])}.png"} for i in items])
+        with open(ctx.out / "train_log.csv", "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=["round", "epoch", "loss", "lr", "seconds"])
+            writer.writeheader()
+            writer.writerows(log_rows)
+        shutil.rmtree(work)
+    return {"images": len(items), "classes": num_classes, "rounds": params.rounds, "epochs": params.epochs,
+            "processes": world, "final_loss": log_rows[-1]["loss"] if log_rows else None}
+
+
+def _world() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _check_pairs(images: list[Path], masks: list[Path]) -> None:
+    """Every mask exists, is a label PNG, and has its image's size: otherwise stop before training."""
+    for image, mask in zip(images, masks):
+        try:
+            with Image.open(image) as im:
+                size = im.size
+                if im.getexif().get(0x0112, 1) in (5, 6, 7, 8):  # EXIF rotation by 90 degrees swaps the sides
+                    size = size[::-1]
+        except OSError as exc:
+            raise InputError(f"{image}: cannot read this training image ({exc})") from None
+        try:
+            with Image.open(mask) as m:
+                if m.mode not in ("P", "L"):
+                    raise InputError(f"{mask}: pseudo mask must be an 8-bit label PNG, got mode {m.mode}")
+                mask_size = m.size
+        except OSError as exc:
+            raise InputError(f"{mask}: missing or unreadable pseudo mask ({exc})") from None
+        if mask_size != size:
+            raise InputError(f"{mask} is {mask_size[0]}x{mask_size[1]} but its image {image} is {size[0]}x{size[1]}")
+
+
+class PseudoLabelled(torch.utils.data.Dataset):
+    """(image, target) pairs, augmented with a generator seeded by (seed, round, epoch, index)."""
+
+    def __init__(self, images, targets, params: Params, seed: int, round_index: int):
+        self.images, self.targets, self.seed, self.round = images, targets, seed, round_index
+        self.epoch = 0
+        self.transform = v2.Compose([
+            v2.RandomResize(params.base_size // 2, params.base_size * 2),
+            v2.RandomCrop(params.crop_size, pad_if_needed=True, fill={tv_tensors.Image: 0, tv_tensors.Mask: IGNORE}),
+            v2.RandomHorizontalFlip(),
+            v2.ToDtype({tv_tensors.Image: torch.float32, tv_tensors.Mask: torch.int64, "others": None}, scale=True),
+            v2.Normalize(IMAGENET_MEAN, IMAGENET_STD),
+        ])
+
+    def __len__(self):
+        return len(self.images)
+
+    def __getitem__(self, index):
+        try:
+            rgb = load_rgb(self.images[index])
+        except BadImage as exc:
+            raise InputError(f"{self.images[index]}: {exc}") from None
+        image = tv_tensors.Image(torch.from_numpy(rgb).permute(2, 0, 1))
+        mask = tv_tensors.Mask(torch.from_numpy(read_label_png(self.targets[index])))
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(hash((self.seed, self.round, self.epoch, index)) & 0x7FFFFFFF)
+            image, mask = self.transform(image, mask)
+        return image, mask
+
+
+def _train_round(ctx, params, round_index, images, targets, num_classes, work, rank, world) -> list[dict]:
+    device = ctx.device
+    torch.manual_seed(ctx.cfg.seed + round_index)
+    model = Segmenter(BackboneParams(params.backbone, params.weights), num_classes).to(device)
+    if world > 1 and device.type == "cuda":
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    optimizer = torch.optim.Adam(model.parameters(), lr=params.lr, weight_decay=params.weight_decay)
+    scaler = torch.amp.GradScaler(device.type, enabled=device.type == "cuda")
+    latest, best = work / f"round{round_index}_latest.pt", work / f"round{round_index}_best.pt"
+    meta = {"backbone": {"name": params.backbone, "weights": params.weights}, "num_classes": num_classes,
+            "config": dataclasses.asdict(params), "round": round_index, "epoch": 0, "log": [], "best_loss": None,
+            "base_size": params.base_size}
+    if latest.is_file():
+        state = load_checkpoint(latest, num_classes, params.backbone)
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scaler.load_state_dict(state["scaler"])
+        set_rng_state(state["rng"])
+        meta.update({k: state[k] for k in ("epoch", "log", "best_loss")})
+        if rank == 0:
+            print(f"train: resuming round {round_index} after epoch {meta['epoch']} from {latest}")
+    net = nn.parallel.DistributedDataParallel(model) if world > 1 else model
+    dataset = PseudoLabelled(images, targets, params, ctx.cfg.seed, round_index)
+    sampler = torch.utils.data.DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=True, seed=ctx.cfg.seed)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=params.batch_size // world, sampler=sampler,
+                                         num_workers=ctx.cfg.workers, drop_last=len(dataset) >= params.batch_size,
+                                         pin_memory=device.type == "cuda", persistent_workers=False)
+    criterion = nn.CrossEntropyLoss(ignore_index=IGNORE)
+    for epoch in range(meta["epoch"] + 1, params.epochs + 1):
+        started = time.perf_counter()
+        dataset.epoch = epoch
+        sampler.set_epoch(epoch)
+        net.train()
+        total, count = torch.zeros(2, device=device), 0
+        bar = ctx.progress(loader, f"train r{round_index} e{epoch}/{params.epochs}") if rank == 0 else loader
+        for image, mask in bar:
+            image, mask = image.to(device, non_blocking=True), mask.to(device, non_blocking=True)
+            autocast = torch.autocast("cuda", dtype=torch.float16) if device.type == "cuda" else contextlib.nullcontext()
+            with autocast:
+                loss = criterion(net(image), mask)
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+            total += torch.stack([loss.detach().float(), torch.ones((), device=device)])
+            if rank == 0 and hasattr(bar, "set_postfix"):
+                bar.set_postfix(loss=f"{loss.item():.3f}")
+        if world > 1:
+            dist.all_reduce(total)
+        epoch_loss = float(total[0] / total[1].clamp(min=1))
+        meta["log"].append({"round": round_index, "epoch": epoch, "loss": round(epoch_loss, 5), "lr": params.lr,
+                            "seconds": round(time.perf_counter() - started, 2)})
+        meta["epoch"] = epoch
+        if rank == 0:
+            if meta["best_loss"] is None or epoch_loss < meta["best_loss"]:
+                meta["best_loss"] = epoch_loss
+                save_checkpoint(best, model, meta)
+            save_checkpoint(latest, model, meta, optimizer, scaler)
+            print(f"train: round {round_index} epoch {epoch}/{params.epochs} loss {epoch_loss:.4f}")
+        if world > 1:
+            dist.barrier()
+    if rank == 0:
+        save_checkpoint(work / f"round{round_index}_final.pt", model, meta)
+    if world > 1:
+        dist.barrier()
+    return meta["log"]
+
+
+def _predict_all(ctx, params, checkpoint, images, names, folder: Path, rank: int, world: int) -> list[Path]:
+    """The round's predictions on every training image (sharded over processes; finished files are kept)."""
+    state = load_checkpoint(checkpoint)
+    model = Segmenter(BackboneParams(params.backbone, "random"), state["num_classes"])
+    model.load_state_dict(state["model"])
+    model.to(ctx.device).eval()
+    paths = [folder / f"{stem_of(name)}.png" for name in names]
+    mine = [i for i in range(len(images)) if i % world == rank and not paths[i].is_file()]
+    for i in ctx.progress(mine, f"predict r{state['round']}"):
+        labels = model.predict(load_rgb(images[i]), params.base_size)
+        tmp = paths[i].with_name(paths[i].name + f".tmp-{os.getpid()}")
+        tmp.parent.mkdir(parents=True, exist_ok=True)
+        write_label_png(tmp, labels)
+        os.replace(tmp, paths[i])
+    if world > 1:
+        dist.barrier()
+    return paths
