@@ -44,6 +44,13 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--labels", required=True, help="folder of label PNGs named like the images")
     evaluate.add_argument("--source", default="pseudo_masks", choices=("pseudo_masks", "segmenter"),
                           help="the pseudo masks, or the trained segmenter's predictions on the same images")
+    predict = commands.add_parser("predict", help="segment a new folder with a trained checkpoint (masks + overlays)")
+    predict.add_argument("--checkpoint", required=True, help="a segmenter checkpoint, e.g. WD/cache/train/<key>/best.pt")
+    predict.add_argument("--images", required=True)
+    predict.add_argument("--out", required=True)
+    predict.add_argument("--device", choices=("cpu", "cuda", "auto"), default="cpu")
+    predict.add_argument("--workers", type=int, default=0)
+    predict.add_argument("--strict", action="store_true")
     demo = commands.add_parser("demo", help="make a sample image set and run the whole pipeline on it, offline")
     demo.add_argument("--workdir", default="runs/demo")
     demo.add_argument("--images", type=int, default=48, help="how many sample images to generate")
@@ -95,6 +102,12 @@ def main(argv=None) -> int:
             from stages.evaluate import evaluate_workdir
 
             print(json.dumps(evaluate_workdir(args.workdir, args.labels, args.source), indent=1))
+        elif args.command == "predict":
+            from stages.predict import predict_folder
+
+            summary = predict_folder(args.checkpoint, args.images, args.out, runner.resolve_device(args.device),
+                                     args.workers, args.strict)
+            print(f"predicted {summary['computed']} images ({summary['images']} in all) into {args.out}")
         elif args.command == "demo":
             from pipeline.demo import run_demo
 

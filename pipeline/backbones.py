@@ -6,6 +6,7 @@ or the backbone `vit_tiny_random`). Loading is strict: a missing or unexpected k
 """
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import re
 from pathlib import Path
@@ -188,7 +189,9 @@ def build_trunk(params: BackboneParams, dilated: bool = False) -> tuple[nn.Modul
 
 def load_state_dict(path: Path) -> dict[str, torch.Tensor]:
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        # DINO's full training checkpoints also hold the run's argparse.Namespace; allow just that class.
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # pickle errors, zip errors, disallowed globals: all mean "not loadable weights"
         raise WeightsMismatchError(f"{path}: not a loadable weights file ({type(exc).__name__}: {str(exc).splitlines()[0]})") from None
     if isinstance(state, dict):

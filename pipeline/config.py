@@ -7,6 +7,7 @@ key, before any work starts.
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from pathlib import Path
@@ -79,7 +80,7 @@ def _build(cls, raw: dict, prefix: str):
         raise ConfigError(f"{prefix.rstrip('.') or 'config'} must be a mapping, got {raw!r}")
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(raw) - names)
+    unknown = sorted(set(raw) - names, key=str)
     if unknown:
         raise ConfigError(f"unknown config key {prefix}{unknown[0]!s} (valid keys: {', '.join(prefix + n for n in sorted(names))})")
     values = {}
@@ -122,8 +123,8 @@ def _coerce(value, kind, key: str):
             raise ConfigError(f"{key} must be an integer, got {value!r}")
         return value
     if kind is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"{key} must be a number, got {value!r}")
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise ConfigError(f"{key} must be a finite number, got {value!r}")
         return float(value)
     if kind is str:
         if value is None:

@@ -46,6 +46,8 @@ class Params:
             raise ConfigError(f"input_size must be >= 0, got {self.input_size}")
         if not 0.0 <= self.threshold <= 1.0:
             raise ConfigError(f"threshold must be in [0, 1], got {self.threshold}")
+        if not -1.0 < self.tau < 1.0:
+            raise ConfigError(f"tau must be in (-1, 1) (a cosine affinity), got {self.tau}")
         if any(s <= 0 for s in self.std):
             raise ConfigError(f"std must be positive, got {self.std}")
 

@@ -1,0 +1,76 @@
+"""Predict: segment a new folder with a trained checkpoint; writes label masks and overlays.
+
+  OUT/masks/<id>.png      palette PNG of class ids (0 background, 1..k clusters)
+  OUT/overlays/<id>.jpg   the image with its classes blended in
+  OUT/predict.json        the checkpoint's hash, counts and skipped images
+Each mask is written atomically and finished ones are kept, so an interrupted predict resumes.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+from tqdm import tqdm
+
+from pipeline.artifacts import read_json, write_json
+from pipeline.errors import InputError
+from pipeline.images import BadImage, decoded, label_palette, list_images, write_label_png
+from pipeline.segmenter import segmenter_from_checkpoint
+
+PALETTE = np.array(label_palette(), dtype=np.uint8).reshape(256, 3)
+
+
+def predict_folder(checkpoint: Path, images_dir: Path, out: Path, device, workers: int = 0, strict: bool = False) -> dict:
+    checkpoint, out = Path(checkpoint), Path(out)
+    digest = _sha256(checkpoint)
+    summary_file = out / "predict.json"
+    if summary_file.is_file() and read_json(summary_file).get("checkpoint_sha256") != digest:
+        raise InputError(f"{out} holds predictions of another checkpoint; choose another --out")
+    model, payload = segmenter_from_checkpoint(checkpoint, device)
+    records = list_images(images_dir)
+    masks = [out / "masks" / f"{r.stem}.png" for r in records]
+    pending = [i for i, path in enumerate(masks) if not path.is_file()]
+    write_json(summary_file, {"checkpoint": str(checkpoint.resolve()), "checkpoint_sha256": digest, "finished": False})
+    skipped = []
+    loader = decoded([records[i].path for i in pending], workers=workers)
+    for index, rgb, reason in tqdm(loader, desc="predict", total=len(pending), disable=None, leave=False):
+        record = records[pending[index]]
+        if rgb is None:
+            if strict:
+                raise InputError(f"{record.path}: {reason}")
+            tqdm.write(f"skipped {record.rel}: {reason}")
+            skipped.append({"image": record.rel, "reason": reason})
+            continue
+        labels = model.predict(rgb, payload["base_size"])
+        overlay = out / "overlays" / f"{record.stem}.jpg"
+        overlay.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(blend(rgb, labels)).save(overlay, quality=90)
+        mask = masks[pending[index]]
+        tmp = mask.with_name(f"{mask.name}.tmp-{os.getpid()}")
+        write_label_png(tmp, labels)
+        os.replace(tmp, mask)  # the mask last: it marks the image as done
+    summary = {"checkpoint": str(checkpoint.resolve()), "checkpoint_sha256": digest, "finished": True,
+               "images": len(records) - len(skipped), "computed": len(pending) - len(skipped),
+               "num_classes": payload["num_classes"], "skipped": skipped}
+    write_json(summary_file, summary)
+    return summary
+
+
+def blend(rgb: np.ndarray, labels: np.ndarray, alpha: float = 0.5) -> np.ndarray:
+    """The image with each non-background class painted in its palette colour at `alpha`."""
+    colours = PALETTE[labels].astype(np.float32)
+    painted = labels[..., None] != 0
+    return np.where(painted, (1 - alpha) * rgb + alpha * colours, rgb).astype(np.uint8)
+
+
+def _sha256(path: Path) -> str:
+    if not path.is_file():
+        raise InputError(f"checkpoint not found: {path}")
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()

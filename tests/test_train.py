@@ -1,0 +1,177 @@
+"""The segmenter: learning, checkpoints, resume, bad input, predict, and DDP under torchrun."""
+from __future__ import annotations
+
+import csv
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import stages.train
+from pipeline import runner
+from pipeline.artifacts import read_json
+from pipeline.backbones import BackboneParams
+from pipeline.errors import InputError
+from pipeline.images import write_label_png
+from pipeline.segmenter import Segmenter, load_checkpoint, save_checkpoint, segmenter_from_checkpoint
+from stages.predict import predict_folder
+from tests.conftest import ROOT, quiet, tiny_config
+
+
+def _train(images, workdir, *overrides):
+    return runner.run(tiny_config(*overrides), images, workdir, log=quiet)
+
+
+def _log(workdir, keys):
+    with open(workdir / "cache" / "train" / keys["train"] / "train_log.csv") as f:
+        return [{k: float(v) for k, v in row.items()} for row in csv.DictReader(f)]
+
+
+def test_training_lowers_the_loss_and_self_training_adds_a_round(images, tmp_path):
+    keys = _train(images, tmp_path / "wd", "train.epochs=8", "train.rounds=2")
+    log = _log(tmp_path / "wd", keys)
+    assert [(r["round"], r["epoch"]) for r in log] == [(1, e) for e in range(1, 9)] + [(2, e) for e in range(1, 9)]
+    first_round = [r["loss"] for r in log if r["round"] == 1]
+    assert first_round[-1] < first_round[0] * 0.8
+    entry = tmp_path / "wd" / "cache" / "train" / keys["train"]
+    assert {p.name for p in entry.iterdir()} >= {"latest.pt", "best.pt", "masks", "items.json", "train_log.csv"}
+    assert not (tmp_path / "wd" / "cache" / "train" / f"{keys['train']}.work").exists()
+    with Image.open(entry / "masks" / "shape_0000.png") as mask:
+        assert mask.size == (160, 120) and set(np.unique(np.asarray(mask))) <= {0, 1, 2, 3}
+
+
+def test_checkpoint_round_trip_gives_the_same_predictions(tmp_path):
+    model = Segmenter(BackboneParams("vit_tiny_random"), 4).eval()
+    save_checkpoint(tmp_path / "c.pt", model, {"backbone": {"name": "vit_tiny_random", "weights": ""}, "num_classes": 4,
+                                              "base_size": 64})
+    loaded, payload = segmenter_from_checkpoint(tmp_path / "c.pt", torch.device("cpu"))
+    x = torch.randn(2, 3, 64, 48)
+    with torch.inference_mode():
+        assert torch.equal(model(x), loaded(x))
+    assert payload["num_classes"] == 4 and "rng" in payload
+
+
+def test_checkpoints_that_do_not_fit_are_named(tmp_path):
+    model = Segmenter(BackboneParams("vit_tiny_random"), 4)
+    save_checkpoint(tmp_path / "c.pt", model, {"backbone": {"name": "vit_tiny_random", "weights": ""}, "num_classes": 4})
+    with pytest.raises(InputError, match=r"c.pt is for 4 classes, not 6"):
+        load_checkpoint(tmp_path / "c.pt", num_classes=6)
+    with pytest.raises(InputError, match=r"c.pt is for backbone vit_tiny_random, not resnet50"):
+        load_checkpoint(tmp_path / "c.pt", backbone="resnet50")
+    torch.save({"state_dict": {}}, tmp_path / "foreign.pt")
+    with pytest.raises(InputError, match="foreign.pt: not an objseg segmenter checkpoint"):
+        load_checkpoint(tmp_path / "foreign.pt")
+    (tmp_path / "text.pt").write_text("hello")
+    with pytest.raises(InputError, match="text.pt: not a readable checkpoint"):
+        load_checkpoint(tmp_path / "text.pt")
+
+
+def test_interrupted_training_resumes_from_its_last_checkpoint(images, tmp_path, monkeypatch):
+    uninterrupted = _train(images, tmp_path / "clean", "train.epochs=4")
+    real_save, saved = stages.train.save_checkpoint, []
+
+    def save_then_die(path, *args, **kwargs):
+        real_save(path, *args, **kwargs)
+        saved.append(path.name)
+        if saved.count("round1_latest.pt") == 2:
+            raise KeyboardInterrupt  # as if killed right after epoch 2's checkpoint
+
+    monkeypatch.setattr(stages.train, "save_checkpoint", save_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        _train(images, tmp_path / "wd", "train.epochs=4")
+    monkeypatch.setattr(stages.train, "save_checkpoint", real_save)
+    resumed = _train(images, tmp_path / "wd", "train.epochs=4")
+    clean_log, resumed_log = _log(tmp_path / "clean", uninterrupted), _log(tmp_path / "wd", resumed)
+    assert [r["epoch"] for r in resumed_log] == [1, 2, 3, 4]
+    np.testing.assert_allclose([r["loss"] for r in resumed_log], [r["loss"] for r in clean_log], rtol=1e-4)
+    a = torch.load(tmp_path / "clean" / "cache" / "train" / uninterrupted["train"] / "latest.pt", weights_only=True)
+    b = torch.load(tmp_path / "wd" / "cache" / "train" / resumed["train"] / "latest.pt", weights_only=True)
+    for name in a["model"]:
+        torch.testing.assert_close(a["model"][name], b["model"][name], rtol=1e-4, atol=1e-5)
+
+
+def _pseudo_entry(images, workdir):
+    keys = runner.run(tiny_config(), images, workdir, start="pseudo_masks", only=True, log=quiet)
+    return workdir / "cache" / "pseudo_masks" / keys["pseudo_masks"]
+
+
+def test_a_missing_pseudo_mask_stops_training_before_it_starts(images, tmp_path):
+    entry = _pseudo_entry(images, tmp_path / "wd")
+    (entry / "masks" / "shape_0004.png").unlink()
+    with pytest.raises(InputError, match="shape_0004.png: missing or unreadable pseudo mask"):
+        _train(images, tmp_path / "wd")
+
+
+def test_a_pseudo_mask_of_the_wrong_size_is_named(images, tmp_path):
+    entry = _pseudo_entry(images, tmp_path / "wd")
+    write_label_png(entry / "masks" / "shape_0002.png", np.zeros((10, 20), np.uint8))
+    with pytest.raises(InputError, match=r"shape_0002.png is 20x10 but its image .*shape_0002.jpg is 160x120"):
+        _train(images, tmp_path / "wd")
+
+
+def test_predict_segments_unseen_images_and_resumes(shapes_dir, images, tmp_path):
+    keys = _train(images, tmp_path / "wd")
+    checkpoint = tmp_path / "wd" / "cache" / "train" / keys["train"] / "best.pt"
+    unseen = tmp_path / "unseen"
+    unseen.mkdir()
+    rgb = np.asarray(Image.open(images / "shape_0001.jpg"))
+    Image.fromarray(rgb[:, ::-1]).save(unseen / "mirrored.png")
+    Image.fromarray(rgb[:100, :90]).save(unseen / "cropped.jpg")
+    (unseen / "broken.jpg").write_bytes(b"\xff\xd8 nope")
+    summary = predict_folder(checkpoint, unseen, tmp_path / "out", torch.device("cpu"))
+    assert summary["computed"] == 2 and [s["image"] for s in summary["skipped"]] == ["broken.jpg"]
+    with Image.open(tmp_path / "out" / "masks" / "cropped.png") as mask:
+        assert mask.size == (90, 100) and mask.mode == "P"
+    with Image.open(tmp_path / "out" / "overlays" / "mirrored.jpg") as overlay:
+        assert overlay.size == (160, 120)
+    again = predict_folder(checkpoint, unseen, tmp_path / "out", torch.device("cpu"))
+    assert again["computed"] == 0  # finished masks are kept
+    other = tmp_path / "other.pt"
+    shutil.copy(checkpoint, other)
+    with open(other, "ab") as f:
+        f.write(b"\0")
+    with pytest.raises(InputError, match="another checkpoint"):
+        predict_folder(other, unseen, tmp_path / "out", torch.device("cpu"))
+
+
+def test_evaluate_the_segmenter(shapes_dir, images, tmp_path):
+    from stages.evaluate import evaluate_workdir
+
+    _train(images, tmp_path / "wd")
+    metrics = evaluate_workdir(tmp_path / "wd", shapes_dir / "labels", source="segmenter")
+    assert metrics["source"] == "segmenter" and metrics["images_evaluated"] == 10 and 0 <= metrics["miou"] <= 1
+
+
+@pytest.mark.slow
+def test_torchrun_ddp_matches_a_single_process_with_the_same_global_batch(images, tmp_path):
+    for i in range(10):  # 20 images: two steps of 8 per epoch, 4 per process
+        shutil.copy(images / f"shape_{i:04d}.jpg", images / f"copy_{i:04d}.jpg")
+    base = ["--images", str(images), *tiny_config_args("train.epochs=3", "train.batch_size=8")]
+    _cli = [sys.executable, str(ROOT / "run_pipeline.py")]
+    assert subprocess.run([*_cli, "stage", "pseudo_masks", "--only", "--workdir", str(tmp_path / "one"), *base],
+                          cwd=ROOT, capture_output=True).returncode == 0
+    shutil.copytree(tmp_path / "one", tmp_path / "two")
+    single = subprocess.run([*_cli, "stage", "train", "--workdir", str(tmp_path / "one"), *base], cwd=ROOT,
+                            capture_output=True, text=True)
+    assert single.returncode == 0, single.stderr
+    ddp = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                          str(ROOT / "run_pipeline.py"), "stage", "train", "--workdir", str(tmp_path / "two"), *base],
+                         cwd=ROOT, capture_output=True, text=True)
+    assert ddp.returncode == 0, ddp.stderr[-2000:]
+    one, two = (read_json(tmp_path / d / "state.json")["keys"] for d in ("one", "two"))
+    assert read_json(tmp_path / "two" / "cache" / "train" / two["train"] / "manifest.json")["counts"]["processes"] == 2
+    single_loss = [r["loss"] for r in _log(tmp_path / "one", one)]
+    ddp_loss = [r["loss"] for r in _log(tmp_path / "two", two)]
+    # Same samples and augmentations per step; only the head's BatchNorm sees half batches per process
+    # (SyncBatchNorm is CUDA-only), so the curves agree within a tolerance, not exactly.
+    np.testing.assert_allclose(ddp_loss, single_loss, rtol=0.1)
+    assert ddp_loss[-1] < ddp_loss[0]
+
+
+def tiny_config_args(*overrides):
+    from tests.conftest import TINY
+    return [*TINY, *overrides]
