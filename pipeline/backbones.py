@@ -78,25 +78,26 @@ def hub_checkpoint_dir() -> Path:
     return Path(torch.hub.get_dir()) / "checkpoints"
 
 
-def resolve_weights(params: BackboneParams) -> Path | None:
-    """The weights file to load, or None for random init (only when asked for by name)."""
+def resolve_weights(params: BackboneParams, section: str = "backbone") -> Path | None:
+    """The weights file to load, or None for random init (only when asked for by name).
+    `section` is the config section the params came from, for the error messages."""
     spec = SPECS[params.name]
     if params.weights == RANDOM or spec.random_only:
         if spec.random_only and params.weights not in ("", RANDOM):
-            raise ConfigError(f"backbone.name={params.name} is a random test model; it takes no backbone.weights")
+            raise ConfigError(f"{section} {params.name} is a random test model; it takes no {section}.weights")
         return None
     if params.weights:
         path = Path(params.weights).expanduser()
         if not path.is_file():
-            raise WeightsNotFoundError(f"backbone.weights={params.weights}: no such file")
+            raise WeightsNotFoundError(f"{section}.weights={params.weights}: no such file")
         return path
     cached = hub_checkpoint_dir() / spec.checkpoint_file
     if cached.is_file():
         return cached
     raise WeightsNotFoundError(
-        f"no weights for backbone {params.name}: {spec.checkpoint_file} is not in torch.hub's cache.\n"
+        f"no weights for {section} {params.name}: {spec.checkpoint_file} is not in torch.hub's cache.\n"
         f"  Download {spec.url}\n  and put it at {cached}\n"
-        f"  or pass backbone.weights=/path/to/{spec.checkpoint_file}  (backbone.weights=random for an untrained model)")
+        f"  or pass {section}.weights=/path/to/{spec.checkpoint_file}  ({section}.weights=random for an untrained model)")
 
 
 class Backbone(nn.Module):
@@ -169,13 +170,13 @@ def build_backbone(params: BackboneParams) -> Backbone:
     return Backbone(params.name, trunk, family)
 
 
-def build_trunk(params: BackboneParams, dilated: bool = False) -> tuple[nn.Module, str]:
+def build_trunk(params: BackboneParams, dilated: bool = False, section: str = "backbone") -> tuple[nn.Module, str]:
     """The named trunk (classifier removed) with its weights loaded strictly; `dilated` gives ResNets
     output stride 8 (dilation in layer3 and layer4, the same weights), as DeepLabv3 uses."""
     if params.name not in SPECS:
         raise ConfigError(f"backbone {params.name} is unknown (choose from {', '.join(SPECS)})")
     spec = SPECS[params.name]
-    weights = resolve_weights(params)
+    weights = resolve_weights(params, section)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)  # random trunks are reproducible, so their results can be cached
         trunk = _TV.resnet50(replace_stride_with_dilation=[False, True, True]) if dilated and spec.family == "resnet" \

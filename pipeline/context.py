@@ -4,6 +4,7 @@ from __future__ import annotations
 import dataclasses
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from tqdm import tqdm
@@ -12,12 +13,15 @@ from pipeline.artifacts import ArtifactStore, read_json, stable_hash, write_json
 from pipeline.errors import InputError
 from pipeline.images import ImageRecord
 
+if TYPE_CHECKING:  # pipeline.config imports the stages, which import this module
+    from pipeline.config import Config
+
 ITEMS = "items.json"
 
 
 @dataclasses.dataclass
 class Context:
-    cfg: "Config"  # noqa: F821 (pipeline.config imports the stages, so no import here)
+    cfg: Config
     images: list[ImageRecord]
     store: ArtifactStore
     out: Path  # the temporary folder of the entry being written

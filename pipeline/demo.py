@@ -115,14 +115,17 @@ def run_demo(workdir: Path, count: int) -> dict:
     images, labels = make_shapes(data, count) if not (data / "labels").is_dir() else (data / "images", data / "labels")
     weights = standin_weights()
     cfg = load_config(overrides=["backbone.name=mobilenet_v2", f"backbone.weights={weights}", "saliency.method=spectral",
-                                 f"cluster.k={len(SHAPES)}"])
+                                 f"cluster.k={len(SHAPES)}", "train.backbone=mobilenet_v2", f"train.weights={weights}",
+                                 "train.epochs=8", "train.crop_size=224", "train.base_size=240", "train.lr=0.0005"])
     print(f"demo: {count} generated images in {images}; backbone = supervised ImageNet MobileNetV2 stand-in ({weights})")
     runner.run(cfg, images, workdir)
     metrics = evaluate_workdir(workdir, labels)
+    segmenter = evaluate_workdir(workdir, labels, source="segmenter")
     export = workdir / "export"
     if not export.exists():
         export_workdir(workdir, export)
-    print(f"demo: pseudo-mask mIoU {metrics['miou']:.3f} (Hungarian, {metrics['classes']} classes), saliency "
-          f"foreground IoU {metrics['saliency_foreground']['iou']:.3f} [stand-in models, not comparable to DINO]")
+    print(f"demo: mIoU (Hungarian, {metrics['classes']} classes): pseudo masks {metrics['miou']:.3f}, segmenter "
+          f"{segmenter['miou']:.3f}; saliency foreground IoU {metrics['saliency_foreground']['iou']:.3f} "
+          f"[stand-in models, not comparable to DINO]")
     print(f"demo: pseudo-label dataset in {export}; metrics in {workdir / 'evaluation'}")
     return metrics

@@ -15,6 +15,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps
 
+from pipeline.artifacts import file_sha256
 from pipeline.errors import InputError
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"}
@@ -66,11 +67,7 @@ def list_images(folder: str | Path, hash_content: bool = False) -> list[ImageRec
 
 def fingerprint(path: Path, rel: str, hash_content: bool) -> str:
     if hash_content:
-        digest = hashlib.sha256()
-        with open(path, "rb") as f:
-            for block in iter(lambda: f.read(1 << 20), b""):
-                digest.update(block)
-        return f"{rel}:sha256:{digest.hexdigest()}"
+        return f"{rel}:sha256:{file_sha256(path)}"
     stat = path.stat()
     return f"{rel}:{stat.st_size}:{stat.st_mtime_ns}"
 

@@ -28,7 +28,7 @@ CHANNELS = {"resnet": 2048, "mobilenet_v2": 1280}
 class Segmenter(nn.Module):
     def __init__(self, backbone: BackboneParams, num_classes: int):
         super().__init__()
-        self.trunk, self.family = build_trunk(backbone, dilated=True)
+        self.trunk, self.family = build_trunk(backbone, dilated=True, section="train")
         channels = self.trunk.embed_dim if self.family == "vit" else CHANNELS[self.family]
         self.head = DeepLabHead(channels, num_classes)
         self.patch = self.trunk.patch_embed.patch_size[0] if self.family == "vit" else 8

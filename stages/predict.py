@@ -7,7 +7,6 @@ Each mask is written atomically and finished ones are kept, so an interrupted pr
 """
 from __future__ import annotations
 
-import hashlib
 import os
 from pathlib import Path
 
@@ -15,9 +14,9 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from pipeline.artifacts import read_json, write_json
+from pipeline.artifacts import file_sha256, read_json, write_json
 from pipeline.errors import InputError
-from pipeline.images import BadImage, decoded, label_palette, list_images, write_label_png
+from pipeline.images import decoded, label_palette, list_images, write_label_png
 from pipeline.segmenter import segmenter_from_checkpoint
 
 PALETTE = np.array(label_palette(), dtype=np.uint8).reshape(256, 3)
@@ -25,7 +24,9 @@ PALETTE = np.array(label_palette(), dtype=np.uint8).reshape(256, 3)
 
 def predict_folder(checkpoint: Path, images_dir: Path, out: Path, device, workers: int = 0, strict: bool = False) -> dict:
     checkpoint, out = Path(checkpoint), Path(out)
-    digest = _sha256(checkpoint)
+    if not checkpoint.is_file():
+        raise InputError(f"checkpoint not found: {checkpoint}")
+    digest = file_sha256(checkpoint)
     summary_file = out / "predict.json"
     if summary_file.is_file() and read_json(summary_file).get("checkpoint_sha256") != digest:
         raise InputError(f"{out} holds predictions of another checkpoint; choose another --out")
@@ -64,13 +65,3 @@ def blend(rgb: np.ndarray, labels: np.ndarray, alpha: float = 0.5) -> np.ndarray
     colours = PALETTE[labels].astype(np.float32)
     painted = labels[..., None] != 0
     return np.where(painted, (1 - alpha) * rgb + alpha * colours, rgb).astype(np.uint8)
-
-
-def _sha256(path: Path) -> str:
-    if not path.is_file():
-        raise InputError(f"checkpoint not found: {path}")
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()

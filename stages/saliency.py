@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import hashlib
 from pathlib import Path
 from typing import Literal
 
@@ -20,7 +19,7 @@ import numpy as np
 import scipy.linalg
 import torch
 
-from pipeline.artifacts import atomic_write
+from pipeline.artifacts import atomic_write, file_sha256
 from pipeline.backbones import build_backbone
 from pipeline.context import Context, item_key, write_items
 from pipeline.errors import ConfigError, InputError
@@ -57,7 +56,7 @@ def key_params(cfg) -> dict:
     if p.method == "spectral":
         return {"method": p.method, "input_size": p.input_size, "tau": p.tau, "backbone": dataclasses.asdict(cfg.backbone)}
     if p.method == "onnx":
-        return {"method": p.method, "model_sha256": _file_sha256(p.model), "input_size": p.input_size,
+        return {"method": p.method, "model_sha256": _model_sha256(p.model), "input_size": p.input_size,
                 "mean": p.mean, "std": p.std, "threshold": p.threshold}
     return {"method": p.method, "masks_dir": str(Path(p.masks_dir).resolve()), "threshold": p.threshold}
 
@@ -219,11 +218,5 @@ def _read_user_mask(path: Path, shape: tuple[int, int], threshold: float) -> np.
 
 
 @functools.lru_cache(maxsize=8)
-def _file_sha256(path: str) -> str:
-    if not path or not Path(path).is_file():
-        return ""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+def _model_sha256(path: str) -> str:
+    return file_sha256(Path(path)) if path and Path(path).is_file() else ""

@@ -19,7 +19,6 @@ import shutil
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.distributed as dist
 from PIL import Image
@@ -27,7 +26,7 @@ from torch import nn
 from torchvision import tv_tensors
 from torchvision.transforms import v2
 
-from pipeline.artifacts import read_json, write_json
+from pipeline.artifacts import read_json
 from pipeline.backbones import IMAGENET_MEAN, IMAGENET_STD, BackboneName, BackboneParams, resolve_weights
 from pipeline.context import ITEMS, Context, write_items
 from pipeline.errors import ConfigError, InputError
@@ -63,7 +62,7 @@ def key_params(cfg) -> dict:
 
 
 def check(ctx: Context, params: Params) -> None:
-    resolve_weights(BackboneParams(params.backbone, params.weights))
+    resolve_weights(BackboneParams(params.backbone, params.weights), section="train")
     world = _world()[1]
     if params.batch_size % world:
         raise ConfigError(f"train.batch_size={params.batch_size} does not split over {world} processes")
@@ -194,7 +193,7 @@ def _train_round(ctx, params, round_index, images, targets, num_classes, work, r
         dataset.epoch = epoch
         sampler.set_epoch(epoch)
         net.train()
-        total, count = torch.zeros(2, device=device), 0
+        total = torch.zeros(2, device=device)
         bar = ctx.progress(loader, f"train r{round_index} e{epoch}/{params.epochs}") if rank == 0 else loader
         for image, mask in bar:
             image, mask = image.to(device, non_blocking=True), mask.to(device, non_blocking=True)

@@ -1,7 +1,6 @@
 """The cache: hits, partial invalidation, incremental folders, interrupted writes, determinism, bad input."""
 from __future__ import annotations
 
-import os
 import shutil
 import signal
 import subprocess
@@ -18,7 +17,7 @@ import stages.cluster
 from pipeline import runner
 from pipeline.artifacts import read_json
 from pipeline.errors import InputError
-from tests.conftest import ROOT, quiet, tiny_config
+from tests.conftest import ROOT, TINY, tiny_config
 
 
 def _run(images, workdir, *overrides, **kwargs):
@@ -171,7 +170,7 @@ def test_kill_during_embed_resumes_without_recomputing_finished_shards(shapes_di
     _folder_masks(images, tmp_path / "masks")
     args = ["--images", images, "--workers", "0", "backbone.name=mobilenet_v2", "backbone.weights=random",
             "saliency.method=folder", f"saliency.masks_dir={tmp_path / 'masks'}", "embed.shard_images=1",
-            "embed.batch_size=4", "cluster.k=2", "cluster.niter=10"]
+            "embed.batch_size=4", "cluster.k=2", "cluster.niter=10", *[o for o in TINY if o.startswith("train.")]]
     shards = tmp_path / "wd" / "cache" / "embed" / "items"
     process = subprocess.Popen([sys.executable, str(ROOT / "run_pipeline.py"), "run", "--workdir", tmp_path / "wd", *args],
                                cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)

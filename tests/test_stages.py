@@ -1,7 +1,6 @@
 """Each stage on tiny models and synthetic images."""
 from __future__ import annotations
 
-import json
 
 import cv2
 import numpy as np
