@@ -104,9 +104,10 @@ def run(ctx: Context, params: Params) -> dict:
 
 
 def _world() -> tuple[int, int]:
+    """(rank, processes): from the process group, or torchrun's environment before it is joined."""
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
-    return 0, 1
+    return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
 
 
 def _check_pairs(images: list[Path], masks: list[Path]) -> None:

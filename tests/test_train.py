@@ -15,7 +15,7 @@ import stages.train
 from pipeline import runner
 from pipeline.artifacts import read_json
 from pipeline.backbones import BackboneParams
-from pipeline.errors import InputError
+from pipeline.errors import ConfigError, InputError
 from pipeline.images import write_label_png
 from pipeline.segmenter import Segmenter, load_checkpoint, save_checkpoint, segmenter_from_checkpoint
 from stages.predict import predict_folder
@@ -175,3 +175,39 @@ def test_torchrun_ddp_matches_a_single_process_with_the_same_global_batch(images
 def tiny_config_args(*overrides):
     from tests.conftest import TINY
     return [*TINY, *overrides]
+
+
+def test_a_global_batch_that_does_not_split_over_the_processes_is_refused(images, tmp_path, monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "3")
+    with pytest.raises(ConfigError, match="train.batch_size=4 does not split over 3 processes"):
+        _train(images, tmp_path / "wd")
+    assert not (tmp_path / "wd").exists()
+
+
+@pytest.mark.slow
+def test_kill_9_during_training_then_run_again_resumes_and_matches(shapes_dir, images, tmp_path):
+    import signal
+    import time
+
+    from stages.evaluate import evaluate_workdir
+
+    args = ["run", "--images", str(images), *tiny_config_args("train.epochs=12", "train.crop_size=96", "train.base_size=96")]
+    cli = [sys.executable, str(ROOT / "run_pipeline.py")]
+    process = subprocess.Popen([*cli, *args, "--workdir", str(tmp_path / "wd")], cwd=ROOT,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    latest = None
+    while time.time() < deadline and process.poll() is None:
+        found = list((tmp_path / "wd" / "cache" / "train").glob("*.work/round1_latest.pt"))
+        if found and load_checkpoint(found[0])["epoch"] >= 2:
+            latest = found[0]
+            break
+        time.sleep(0.05)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert latest is not None and load_checkpoint(latest)["epoch"] < 12, "the kill came too late to test resumption"
+    resumed = subprocess.run([*cli, *args, "--workdir", str(tmp_path / "wd")], cwd=ROOT, capture_output=True, text=True)
+    assert resumed.returncode == 0 and "resuming round 1 after epoch" in resumed.stdout
+    assert subprocess.run([*cli, *args, "--workdir", str(tmp_path / "clean")], cwd=ROOT).returncode == 0
+    scores = [evaluate_workdir(tmp_path / d, shapes_dir / "labels", source="segmenter")["miou"] for d in ("wd", "clean")]
+    assert abs(scores[0] - scores[1]) <= 0.01
