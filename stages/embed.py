@@ -56,42 +56,34 @@ def run(ctx: Context, params: Params) -> dict:
     done = _finished_rows(shards)
     pending = [i for i in items if i["key"] not in done and i["objects"] > 0]
     backbone = build_backbone(ctx.cfg.backbone).to(ctx.device) if pending else None
-    bar = ctx.progress(None, "embed", total=len(pending))
-    for start in range(0, len(pending), params.shard_images):
-        chunk = pending[start:start + params.shard_images]
-        vectors, counts = _embed_chunk(ctx, params, backbone, chunk, records, bar)
-        shard_id = stable_hash([i["key"] for i in chunk])
-        save_npy(shards / f"{shard_id}.npy", vectors)
-        write_json(shards / f"{shard_id}.json", {"items": [[i["key"], n] for i, n in zip(chunk, counts)]})  # last: marks it finished
-        done.update(_shard_rows(shards / f"{shard_id}.json"))
-    bar.close()
+    crops = decoded([records[i["image"]].path for i in pending],
+                    _CropBoxes([object_file(ctx.store, i["objects_key"]) for i in pending], ctx.cfg.objects.crop_size),
+                    workers=ctx.cfg.workers)
+    outputs, counts, waiting = [], [], []
+    for index, image_crops, reason in ctx.progress(crops, "embed", total=len(pending)):
+        if image_crops is None:  # decoded by saliency earlier; changed since
+            ctx.skip(pending[index]["image"], reason)
+            image_crops = torch.zeros((0, 3, 1, 1), dtype=torch.uint8)
+        counts.append(len(image_crops))
+        waiting.append(image_crops)
+        # Batches never span two shards, so a resumed shard sees exactly the batches it would have.
+        shard_done = len(counts) == params.shard_images or index == len(pending) - 1
+        while sum(map(len, waiting)) >= params.batch_size or (shard_done and sum(map(len, waiting))):
+            batch = torch.cat([w for w in waiting if len(w)])
+            outputs.append(_forward(backbone, batch[:params.batch_size], ctx.device))
+            waiting = [batch[params.batch_size:]]
+        if shard_done:
+            chunk = pending[index + 1 - len(counts):index + 1]
+            vectors = np.concatenate(outputs) if outputs else np.zeros((0, backbone.dim), np.float32)
+            shard_id = stable_hash([i["key"] for i in chunk])
+            save_npy(shards / f"{shard_id}.npy", vectors)
+            write_json(shards / f"{shard_id}.json", {"items": [[i["key"], n] for i, n in zip(chunk, counts)]})  # last: marks it finished
+            done.update(_shard_rows(shards / f"{shard_id}.json"))
+            outputs, counts, waiting = [], [], []
     kept = [i for i in items if i["objects"] == 0 or i["key"] in done]
     rows = _gather(ctx, shards, kept, done)
     write_items(ctx.out, [{"image": i["image"], "key": i["key"], "objects_key": i["objects_key"]} for i in kept])
     return {"images": len(kept), "objects": rows, "computed_images": len(pending)}
-
-
-def _embed_chunk(ctx, params, backbone, chunk, records, bar):
-    """Vectors of every object of the chunk's images, in order, and the row count of each image."""
-    boxes = [load_objects(object_file(ctx.store, i["objects_key"]))[1] for i in chunk]
-    loader = decoded([records[i["image"]].path for i in chunk], _CropBoxes(boxes, ctx.cfg.objects.crop_size),
-                     workers=ctx.cfg.workers)
-    outputs, counts, waiting = [], [0] * len(chunk), []
-    for index, crops, reason in loader:
-        bar.update(1)
-        if crops is None:  # decoded by saliency earlier; changed since
-            ctx.skip(chunk[index]["image"], reason)
-            continue
-        counts[index] = len(crops)
-        waiting.append(crops)
-        while sum(len(c) for c in waiting) >= params.batch_size:
-            batch = torch.cat(waiting)
-            outputs.append(_forward(backbone, batch[:params.batch_size], ctx.device))
-            waiting = [batch[params.batch_size:]]
-    if waiting and sum(len(c) for c in waiting):
-        outputs.append(_forward(backbone, torch.cat(waiting), ctx.device))
-    dim = backbone.dim
-    return (np.concatenate(outputs) if outputs else np.zeros((0, dim), np.float32)), counts
 
 
 @torch.inference_mode()
@@ -105,12 +97,12 @@ def _forward(backbone, crops: torch.Tensor, device: torch.device) -> np.ndarray:
 class _CropBoxes:
     """Cuts each box out of the decoded image and resizes it to a square crop (runs in the workers)."""
 
-    def __init__(self, boxes: list[np.ndarray], size: int):
-        self.boxes, self.size = boxes, size
+    def __init__(self, object_files: list, size: int):
+        self.object_files, self.size = object_files, size
 
     def __call__(self, index: int, rgb: np.ndarray) -> torch.Tensor:
         crops = []
-        for x0, y0, x1, y1 in self.boxes[index]:
+        for x0, y0, x1, y1 in load_objects(self.object_files[index])[1]:
             crop = rgb[y0:y1, x0:x1]
             shrink = crop.shape[0] > self.size or crop.shape[1] > self.size
             crops.append(cv2.resize(crop, (self.size, self.size), interpolation=cv2.INTER_AREA if shrink else cv2.INTER_LINEAR))
