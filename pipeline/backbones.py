@@ -12,9 +12,7 @@ import re
 from pathlib import Path
 from typing import Literal
 
-import timm
 import torch
-import torchvision
 from torch import nn
 
 from pipeline.errors import ConfigError, WeightsMismatchError, WeightsNotFoundError
@@ -48,25 +46,38 @@ def _dino_url(file: str) -> str:
 
 def _vit(timm_name: str, **kwargs):
     # timm's ViT has exactly the DINO key layout; dynamic_img_size interpolates pos_embed (bicubic).
-    return lambda: timm.create_model(timm_name, pretrained=False, num_classes=0, dynamic_img_size=True, **kwargs)
+    # timm is imported when a ViT is built: importing it costs seconds that a cached rerun does not need.
+    def build():
+        import timm
+        return timm.create_model(timm_name, pretrained=False, num_classes=0, dynamic_img_size=True, **kwargs)
+    return build
 
 
 def _tiny_vit():
-    return timm.models.vision_transformer.VisionTransformer(
+    from timm.models.vision_transformer import VisionTransformer
+    return VisionTransformer(
         img_size=224, patch_size=16, embed_dim=48, depth=2, num_heads=3, num_classes=0, dynamic_img_size=True)
 
 
-_TV = torchvision.models
+def _torchvision(name: str, **kwargs):
+    # torchvision.models is imported when a CNN is built: it pulls in torch._dynamo, seconds a cached rerun does not need
+    def build():
+        import torchvision
+        return getattr(torchvision.models, name)(**kwargs)
+    return build
+
+
 SPECS: dict[str, Spec] = {
     "dino_vits8": Spec(_vit("vit_small_patch8_224"), "vit", "dino_deitsmall8_pretrain.pth"),
     "dino_vits16": Spec(_vit("vit_small_patch16_224"), "vit", "dino_deitsmall16_pretrain.pth"),
     "dino_vitb8": Spec(_vit("vit_base_patch8_224"), "vit", "dino_vitbase8_pretrain.pth"),
     "dino_vitb16": Spec(_vit("vit_base_patch16_224"), "vit", "dino_vitbase16_pretrain.pth"),
-    "dino_resnet50": Spec(lambda: _TV.resnet50(), "resnet", "dino_resnet50_pretrain.pth"),
-    "mobilenet_v2": Spec(lambda: _TV.mobilenet_v2(), "mobilenet_v2", Path(_TV.MobileNet_V2_Weights.IMAGENET1K_V1.url).name,
-                         _TV.MobileNet_V2_Weights.IMAGENET1K_V1.url),
-    "resnet50": Spec(lambda: _TV.resnet50(), "resnet", Path(_TV.ResNet50_Weights.IMAGENET1K_V1.url).name,
-                     _TV.ResNet50_Weights.IMAGENET1K_V1.url),
+    "dino_resnet50": Spec(_torchvision("resnet50"), "resnet", "dino_resnet50_pretrain.pth"),
+    # torchvision's IMAGENET1K_V1 weights (MobileNet_V2_Weights / ResNet50_Weights), as torch.hub caches them
+    "mobilenet_v2": Spec(_torchvision("mobilenet_v2"), "mobilenet_v2", "mobilenet_v2-b0353104.pth",
+                         "https://download.pytorch.org/models/mobilenet_v2-b0353104.pth"),
+    "resnet50": Spec(_torchvision("resnet50"), "resnet", "resnet50-0676ba61.pth",
+                     "https://download.pytorch.org/models/resnet50-0676ba61.pth"),
     "vit_tiny_random": Spec(_tiny_vit, "vit", random_only=True),
 }
 for _name, _spec in SPECS.items():
@@ -179,8 +190,8 @@ def build_trunk(params: BackboneParams, dilated: bool = False, section: str = "b
     weights = resolve_weights(params, section)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)  # random trunks are reproducible, so their results can be cached
-        trunk = _TV.resnet50(replace_stride_with_dilation=[False, True, True]) if dilated and spec.family == "resnet" \
-            else spec.build()
+        trunk = _torchvision("resnet50", replace_stride_with_dilation=[False, True, True])() \
+            if dilated and spec.family == "resnet" else spec.build()
     if spec.family != "vit":
         _drop_classifier(trunk, spec.family)
     if weights is not None:
