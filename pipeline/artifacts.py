@@ -139,4 +139,11 @@ class ArtifactStore:
         return final
 
     def size_bytes(self, stage: str, key: str) -> int:
-        return sum(p.stat().st_size for p in self.entry(stage, key).rglob("*") if p.is_file())
+        """Bytes of the entry, plus the per-image results it lists (per-image stages share those)."""
+        entry = self.entry(stage, key)
+        total = sum(p.stat().st_size for p in entry.rglob("*") if p.is_file())
+        listed = entry / "items.json"
+        if listed.is_file() and self.items(stage).is_dir():
+            keys = {item["key"] for item in read_json(listed) if "key" in item}
+            total += sum(p.stat().st_size for p in self.items(stage).iterdir() if p.name.split(".")[0] in keys)
+        return total
