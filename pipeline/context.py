@@ -37,8 +37,9 @@ class Context:
         tqdm.write(f"skipped {rel}: {reason}", file=sys.stderr)
         self.skipped.append({"image": rel, "reason": reason})
 
-    def progress(self, iterable, desc: str, total: int | None = None):
-        return tqdm(iterable, desc=desc, total=total, unit="img", disable=None, leave=False, dynamic_ncols=True)
+    def progress(self, iterable, desc: str, total: int | None = None, unit: str = "img"):
+        """A progress bar on a terminal (tqdm turns itself off when output is not a TTY)."""
+        return tqdm(iterable, desc=desc, total=total, unit=unit, disable=None, leave=False, dynamic_ncols=True)
 
     def upstream_items(self, stage: str) -> list[dict]:
         return read_json(self.upstream[stage] / ITEMS)

@@ -195,7 +195,7 @@ def _train_round(ctx, params, round_index, images, targets, num_classes, work, r
         sampler.set_epoch(epoch)
         net.train()
         total = torch.zeros(2, device=device)
-        bar = ctx.progress(loader, f"train r{round_index} e{epoch}/{params.epochs}") if rank == 0 else loader
+        bar = ctx.progress(loader, f"train r{round_index} e{epoch}/{params.epochs}", unit="batch") if rank == 0 else loader
         for image, mask in bar:
             image, mask = image.to(device, non_blocking=True), mask.to(device, non_blocking=True)
             autocast = torch.autocast("cuda", dtype=torch.float16) if device.type == "cuda" else contextlib.nullcontext()
