@@ -182,8 +182,9 @@ def build_backbone(params: BackboneParams) -> Backbone:
 
 
 def build_trunk(params: BackboneParams, dilated: bool = False, section: str = "backbone") -> tuple[nn.Module, str]:
-    """The named trunk (classifier removed) with its weights loaded strictly; `dilated` gives ResNets
-    output stride 8 (dilation in layer3 and layer4, the same weights), as DeepLabv3 uses."""
+    """The named trunk (classifier removed) with its weights loaded strictly. `dilated` trades the last
+    strides for dilation, with the same weights, as DeepLabv3 does: ResNets to output stride 8,
+    MobileNetV2 to 16."""
     if params.name not in SPECS:
         raise ConfigError(f"backbone {params.name} is unknown (choose from {', '.join(SPECS)})")
     spec = SPECS[params.name]
@@ -194,9 +195,22 @@ def build_trunk(params: BackboneParams, dilated: bool = False, section: str = "b
             if dilated and spec.family == "resnet" else spec.build()
     if spec.family != "vit":
         _drop_classifier(trunk, spec.family)
+    if dilated and spec.family == "mobilenet_v2":
+        _dilate_last_stage(trunk)
     if weights is not None:
         _load_strict(trunk, _to_trunk_layout(load_state_dict(weights), spec.family), weights)
     return trunk, spec.family
+
+
+def _dilate_last_stage(mobilenet: nn.Module) -> None:
+    """Output stride 32 -> 16: the stride-2 depthwise conv of block 14 keeps stride 1, and the depthwise
+    convs after it dilate by 2 (DeepLab's MobileNetV2 recipe)."""
+    for index in range(14, 18):
+        depthwise = mobilenet.features[index].conv[1][0]
+        if index == 14:
+            depthwise.stride = (1, 1)
+        else:
+            depthwise.dilation, depthwise.padding = (2, 2), (2, 2)
 
 
 def load_state_dict(path: Path) -> dict[str, torch.Tensor]:

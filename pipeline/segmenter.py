@@ -1,7 +1,7 @@
 """DeepLabv3 segmenter: torchvision's DeepLabHead (ASPP) on a configurable trunk, and its checkpoints.
 
-Trunks: ResNet-50 dilated to output stride 8 (as COMUS), MobileNetV2 (stride 32, fast on CPU), or a
-ViT's patch tokens. Checkpoints are self-describing (format, backbone, class count, config, epoch,
+Trunks: ResNet-50 dilated to output stride 8 (as COMUS), MobileNetV2 dilated to 16 (fast on CPU), or
+a ViT's patch tokens. Checkpoints are self-describing (format, backbone, class count, config, epoch,
 optimizer, scaler, RNG states), written atomically and read with `weights_only=True`, so `predict`
 needs nothing but the file.
 """

@@ -33,7 +33,7 @@ from pipeline.errors import ConfigError, InputError
 from pipeline.images import BadImage, load_rgb, read_label_png, stem_of, write_label_png
 from pipeline.segmenter import Segmenter, load_checkpoint, save_checkpoint, set_rng_state
 
-VERSION = 1
+VERSION = 2  # 2: MobileNetV2 trunk dilated to output stride 16
 IGNORE = 255
 
 
