@@ -27,7 +27,7 @@ def voc_images(tmp_path_factory):
 
 def test_isnet_saliency_and_mobilenet_embeddings_on_voc_photos(voc_images, tmp_path):
     cfg = load_config(overrides=[*STANDIN, "saliency.method=onnx", f"saliency.model={ISNET}"])
-    runner.run(cfg, voc_images, tmp_path / "wd", log=quiet)
+    runner.run(cfg, voc_images, tmp_path / "wd", start="pseudo_masks", only=True, log=quiet)
     metrics = evaluate_workdir(tmp_path / "wd", VOC / "labels")
     assert metrics["images_evaluated"] == 6
     assert metrics["saliency_foreground"]["iou"] > 0.6  # ISNet finds VOC's objects (0.79 on 8 photos, models README)
@@ -36,6 +36,6 @@ def test_isnet_saliency_and_mobilenet_embeddings_on_voc_photos(voc_images, tmp_p
 
 def test_spectral_saliency_on_voc_photos(voc_images, tmp_path):
     cfg = load_config(overrides=[*STANDIN, "saliency.method=spectral"])
-    runner.run(cfg, voc_images, tmp_path / "wd", log=quiet)
+    runner.run(cfg, voc_images, tmp_path / "wd", start="pseudo_masks", only=True, log=quiet)
     metrics = evaluate_workdir(tmp_path / "wd", VOC / "labels")
     assert metrics["images_evaluated"] == 6 and metrics["saliency_foreground"]["iou"] > 0.1
