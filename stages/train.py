@@ -39,7 +39,7 @@ IGNORE = 255
 
 @dataclasses.dataclass(frozen=True)
 class Params:
-    backbone: BackboneName = "resnet50"  # the segmenter's trunk (resnet50 is dilated to output stride 8)
+    backbone: BackboneName = "dino_resnet50"  # the trunk: self-supervised like the rest; ResNets are dilated to output stride 8
     weights: str = ""  # trunk weights: a file, "" = torch.hub's cache, "random" = untrained, by request only
     rounds: int = 1  # 1 = learn the pseudo masks; each further round learns the previous round's predictions
     epochs: int = 10  # per round
