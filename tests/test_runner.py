@@ -186,7 +186,7 @@ def test_kill_during_embed_resumes_without_recomputing_finished_shards(shapes_di
     state = read_json(tmp_path / "wd" / "state.json")
     manifest = read_json(tmp_path / "wd" / "cache" / "embed" / state["keys"]["embed"] / "manifest.json")
     assert manifest["counts"]["computed_images"] == 40 - sum(name.endswith(".json") for name in finished)
-    assert _cli("run", "--workdir", tmp_path / "fresh", *args).returncode == 0
+    assert _cli("stage", "embed", "--only", "--workdir", tmp_path / "fresh", *args).returncode == 0
     fresh = read_json(tmp_path / "fresh" / "state.json")
     resumed = np.load(tmp_path / "wd" / "cache" / "embed" / state["keys"]["embed"] / "embeddings.npy")
     uninterrupted = np.load(tmp_path / "fresh" / "cache" / "embed" / fresh["keys"]["embed"] / "embeddings.npy")

@@ -191,7 +191,7 @@ def test_kill_9_during_training_then_run_again_resumes_and_matches(shapes_dir, i
 
     from stages.evaluate import evaluate_workdir
 
-    args = ["run", "--images", str(images), *tiny_config_args("train.epochs=12", "train.crop_size=96", "train.base_size=96")]
+    args = ["run", "--images", str(images), *tiny_config_args("train.epochs=6", "train.crop_size=96", "train.base_size=96")]
     cli = [sys.executable, str(ROOT / "run_pipeline.py")]
     process = subprocess.Popen([*cli, *args, "--workdir", str(tmp_path / "wd")], cwd=ROOT,
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -205,7 +205,7 @@ def test_kill_9_during_training_then_run_again_resumes_and_matches(shapes_dir, i
         time.sleep(0.05)
     process.send_signal(signal.SIGKILL)
     process.wait()
-    assert latest is not None and load_checkpoint(latest)["epoch"] < 12, "the kill came too late to test resumption"
+    assert latest is not None and load_checkpoint(latest)["epoch"] < 6, "the kill came too late to test resumption"
     resumed = subprocess.run([*cli, *args, "--workdir", str(tmp_path / "wd")], cwd=ROOT, capture_output=True, text=True)
     assert resumed.returncode == 0 and "resuming round 1 after epoch" in resumed.stdout
     assert subprocess.run([*cli, *args, "--workdir", str(tmp_path / "clean")], cwd=ROOT).returncode == 0
