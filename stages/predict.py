@@ -7,14 +7,13 @@ Each mask is written atomically and finished ones are kept, so an interrupted pr
 """
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from pipeline.artifacts import file_sha256, read_json, write_json
+from pipeline.artifacts import atomic_write, file_sha256, read_json, write_json
 from pipeline.errors import InputError
 from pipeline.images import decoded, label_palette, list_images, write_label_png
 from pipeline.segmenter import segmenter_from_checkpoint
@@ -49,10 +48,7 @@ def predict_folder(checkpoint: Path, images_dir: Path, out: Path, device, worker
         overlay = out / "overlays" / f"{record.stem}.jpg"
         overlay.parent.mkdir(parents=True, exist_ok=True)
         Image.fromarray(blend(rgb, labels)).save(overlay, quality=90)
-        mask = masks[pending[index]]
-        tmp = mask.with_name(f"{mask.name}.tmp-{os.getpid()}")
-        write_label_png(tmp, labels)
-        os.replace(tmp, mask)  # the mask last: it marks the image as done
+        atomic_write(masks[pending[index]], lambda tmp: write_label_png(tmp, labels))  # last: marks the image done
     summary = {"checkpoint": str(checkpoint.resolve()), "checkpoint_sha256": digest, "finished": True,
                "images": len(records) - len(skipped), "computed": len(pending) - len(skipped),
                "num_classes": payload["num_classes"], "skipped": skipped}

@@ -26,7 +26,7 @@ from torch import nn
 from torchvision import tv_tensors
 from torchvision.transforms import v2
 
-from pipeline.artifacts import read_json
+from pipeline.artifacts import atomic_write, read_json
 from pipeline.backbones import IMAGENET_MEAN, IMAGENET_STD, BackboneName, BackboneParams, resolve_weights
 from pipeline.context import ITEMS, Context, write_items
 from pipeline.errors import ConfigError, InputError
@@ -239,10 +239,7 @@ def _predict_all(ctx, params, checkpoint, images, names, folder: Path, rank: int
     mine = [i for i in range(len(images)) if i % world == rank and not paths[i].is_file()]
     for i in ctx.progress(mine, f"predict r{state['round']}"):
         labels = model.predict(load_rgb(images[i]), params.base_size)
-        tmp = paths[i].with_name(paths[i].name + f".tmp-{os.getpid()}")
-        tmp.parent.mkdir(parents=True, exist_ok=True)
-        write_label_png(tmp, labels)
-        os.replace(tmp, paths[i])
+        atomic_write(paths[i], lambda tmp: write_label_png(tmp, labels))
     if world > 1:
         dist.barrier()
     return paths
