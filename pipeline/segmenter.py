@@ -21,14 +21,18 @@ from pipeline.artifacts import atomic_write
 from pipeline.backbones import IMAGENET_MEAN, IMAGENET_STD, BackboneParams, build_trunk
 from pipeline.errors import InputError
 
-FORMAT = "objseg.segmenter/1"
-CHANNELS = {"resnet": 2048, "mobilenet_v2": 1280}
+FORMAT = "objseg.segmenter/2"  # 2: MobileNetV2 heads read 320 channels
+CHANNELS = {"resnet": 2048, "mobilenet_v2": 320}
 
 
 class Segmenter(nn.Module):
     def __init__(self, backbone: BackboneParams, num_classes: int):
         super().__init__()
         self.trunk, self.family = build_trunk(backbone, dilated=True, section="train")
+        if self.family == "mobilenet_v2":
+            # ASPP reads the 320-channel last block, not the 1x1 conv to 1280 channels after it (as the
+            # DeepLabv3 MobileNetV2 ports do): that conv adds nothing spatial and made ASPP cost 4x as much.
+            del self.trunk.features[-1]
         channels = self.trunk.embed_dim if self.family == "vit" else CHANNELS[self.family]
         self.head = DeepLabHead(channels, num_classes)
         self.patch = self.trunk.patch_embed.patch_size[0] if self.family == "vit" else 8
@@ -52,14 +56,15 @@ class Segmenter(nn.Module):
 
     @torch.inference_mode()
     def predict(self, rgb: np.ndarray, short_side: int) -> np.ndarray:
-        """Class ids (H, W) of one uint8 RGB image, inferred with its short side at `short_side`."""
+        """Class ids (H, W) of one uint8 RGB image, inferred with its short side at `short_side`; the
+        logits are averaged with those of the mirrored image (a cheap, standard test-time augmentation)."""
         height, width = rgb.shape[:2]
         scale = short_side / min(height, width)
         size = [max(self.patch, round(d * scale / self.patch) * self.patch) for d in (height, width)]
         device = self.mean.device
         x = torch.from_numpy(rgb).permute(2, 0, 1)[None].to(device).float() / 255
         x = (F.interpolate(x, size=size, mode="bilinear", align_corners=False, antialias=True) - self.mean) / self.std
-        logits = self(x)
+        logits = self(x) + self(x.flip(-1)).flip(-1)
         logits = F.interpolate(logits.float(), size=(height, width), mode="bilinear", align_corners=False)
         return logits.argmax(1)[0].to(torch.uint8).cpu().numpy()
 

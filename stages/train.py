@@ -1,13 +1,15 @@
 """Train: a DeepLabv3 segmenter learns from the pseudo masks, then from its own predictions.
 
-Round 1 learns the pseudo masks (CrossEntropy, ignore 255) with Adam (COMUS: lr 6e-5), random
-rescaling (0.5-2x), crop and flip applied to image and mask alike. Each later round trains a fresh
-model on the previous round's predictions over the training images, which fill in objects the
-saliency stage missed (COMUS's self-training). Checkpoints go to a work folder that survives a kill,
-so an interrupted `train` resumes at its last epoch. Under `torchrun`, DDP with a DistributedSampler
-splits each global batch over the processes (gloo on CPU, nccl and SyncBatchNorm on GPU); rank 0
-alone writes. Augmentations are seeded per (seed, round, epoch, image), so the data a step sees
-does not depend on the number of processes or workers.
+Round 1 learns the pseudo masks (CrossEntropy, ignore 255) with Adam and DeepLab's poly learning-rate
+decay, random rescaling (0.5-2x), crop and flip applied to image and mask alike. The loss weighs each
+class by its pixel frequency to the power -`balance`, so that small clusters are not drowned by the
+background. Each later round learns the previous round's predictions over the training images, which
+fill in objects the saliency stage missed (COMUS's self-training); it starts from the previous round's
+weights rather than from scratch, so that a CPU-sized schedule refines the model instead of re-learning
+it. Checkpoints go to a work folder that survives a kill, so an interrupted `train` resumes at its last
+epoch. Under `torchrun`, DDP with a DistributedSampler splits each global batch over the processes
+(gloo on CPU, nccl and SyncBatchNorm on GPU); rank 0 alone writes. Augmentations are seeded per (seed,
+round, epoch, image), so the data a step sees does not depend on the number of processes or workers.
 """
 from __future__ import annotations
 
@@ -33,7 +35,7 @@ from pipeline.errors import ConfigError, InputError
 from pipeline.images import BadImage, load_rgb, read_label_png, stem_of, write_label_png
 from pipeline.segmenter import Segmenter, load_checkpoint, save_checkpoint, set_rng_state
 
-VERSION = 2  # 2: MobileNetV2 trunk dilated to output stride 16
+VERSION = 3  # 2: MobileNetV2 dilated to output stride 16; 3: 320-channel MobileNetV2 head, poly lr, class balance, warm rounds, flip TTA
 IGNORE = 255
 
 
@@ -44,7 +46,8 @@ class Params:
     rounds: int = 1  # 1 = learn the pseudo masks; each further round learns the previous round's predictions
     epochs: int = 10  # per round
     batch_size: int = 8  # global: split over the processes under torchrun
-    lr: float = 6e-5
+    lr: float = 6e-5  # initial; decays as (1 - epoch / epochs) ** 0.9 (DeepLab's poly schedule)
+    balance: float = 0.5  # class weight = pixel frequency ** -balance in the round's targets; 0 = plain CrossEntropy
     weight_decay: float = 0.0
     crop_size: int = 512
     base_size: int = 520  # short side is rescaled to a random size in [0.5, 2] x base_size; predictions use base_size
@@ -55,6 +58,8 @@ class Params:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.lr <= 0:
             raise ConfigError(f"lr must be > 0, got {self.lr}")
+        if not 0 <= self.balance <= 1:
+            raise ConfigError(f"balance must be in [0, 1], got {self.balance}")
 
 
 def key_params(cfg) -> dict:
@@ -169,6 +174,8 @@ def _train_round(ctx, params, round_index, images, targets, num_classes, work, r
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     optimizer = torch.optim.Adam(model.parameters(), lr=params.lr, weight_decay=params.weight_decay)
     scaler = torch.amp.GradScaler(device.type, enabled=device.type == "cuda")
+    if round_index > 1:  # self-training refines the previous round's model
+        model.load_state_dict(load_checkpoint(work / f"round{round_index - 1}_final.pt", num_classes, params.backbone)["model"])
     latest, best = work / f"round{round_index}_latest.pt", work / f"round{round_index}_best.pt"
     meta = {"backbone": {"name": params.backbone, "weights": params.weights}, "num_classes": num_classes,
             "config": dataclasses.asdict(params), "round": round_index, "epoch": 0, "log": [], "best_loss": None,
@@ -188,9 +195,13 @@ def _train_round(ctx, params, round_index, images, targets, num_classes, work, r
     loader = torch.utils.data.DataLoader(dataset, batch_size=params.batch_size // world, sampler=sampler,
                                          num_workers=ctx.cfg.workers, drop_last=len(dataset) >= params.batch_size,
                                          pin_memory=device.type == "cuda", persistent_workers=False)
-    criterion = nn.CrossEntropyLoss(ignore_index=IGNORE)
+    weights = class_weights(targets, num_classes, params.balance, ctx) if params.balance else None
+    criterion = nn.CrossEntropyLoss(weight=None if weights is None else weights.to(device), ignore_index=IGNORE)
     for epoch in range(meta["epoch"] + 1, params.epochs + 1):
         started = time.perf_counter()
+        lr = params.lr * (1 - (epoch - 1) / params.epochs) ** 0.9
+        for group in optimizer.param_groups:
+            group["lr"] = lr
         dataset.epoch = epoch
         sampler.set_epoch(epoch)
         net.train()
@@ -211,7 +222,7 @@ def _train_round(ctx, params, round_index, images, targets, num_classes, work, r
         if world > 1:
             dist.all_reduce(total)
         epoch_loss = float(total[0] / total[1].clamp(min=1))
-        meta["log"].append({"round": round_index, "epoch": epoch, "loss": round(epoch_loss, 5), "lr": params.lr,
+        meta["log"].append({"round": round_index, "epoch": epoch, "loss": round(epoch_loss, 5), "lr": lr,
                             "seconds": round(time.perf_counter() - started, 2)})
         meta["epoch"] = epoch
         if rank == 0:
@@ -227,6 +238,18 @@ def _train_round(ctx, params, round_index, images, targets, num_classes, work, r
     if world > 1:
         dist.barrier()
     return meta["log"]
+
+
+def class_weights(targets: list[Path], num_classes: int, balance: float, ctx: Context) -> torch.Tensor:
+    """Per-class loss weights, pixel frequency ** -balance, scaled so that the average pixel weighs 1;
+    classes absent from the targets get 0."""
+    counts = torch.zeros(num_classes, dtype=torch.float64)
+    for path in ctx.progress(targets, "class frequencies"):
+        labels = torch.from_numpy(read_label_png(path)).flatten().long()
+        counts += torch.bincount(labels[labels < num_classes], minlength=num_classes).double()
+    frequency = counts / counts.sum().clamp(min=1)
+    weights = torch.where(frequency > 0, frequency.clamp(min=1e-12) ** -balance, torch.zeros_like(frequency))
+    return (weights / (weights * frequency).sum().clamp(min=1e-12)).float()
 
 
 def _predict_all(ctx, params, checkpoint, images, names, folder: Path, rank: int, world: int) -> list[Path]:
