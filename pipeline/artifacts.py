@@ -6,6 +6,10 @@ Layout under the workdir's `cache/`:
   <stage>/items/<kk>/<key>.*  per-image results of per-image stages, each file written atomically
 
 A directory without a manifest, or a file still named `*.tmp-<pid>`, is never read as finished.
+The manifest records size and sha256 of every file the entry is made of (its own and the per-image
+results it uses) and a checksum of itself; `lookup` verifies them, so a truncated array, a deleted
+mask or an edited manifest is reported and recomputed, never used: a corrupt entry is deleted with
+its bad per-image results, so only those are computed again.
 """
 from __future__ import annotations
 
@@ -14,9 +18,10 @@ import json
 import os
 import platform
 import shutil
+import sys
 import time
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterable
 
 import numpy as np
 
@@ -56,6 +61,14 @@ def atomic_write(path: Path, write: Callable[[Path], None]) -> Path:
 
 def write_json(path: Path, payload) -> Path:
     return atomic_write(path, lambda tmp: tmp.write_text(json.dumps(payload, indent=1, sort_keys=True, default=str)))
+
+
+def _self_checksum(manifest: dict) -> str:
+    return stable_hash({k: v for k, v in manifest.items() if k != "checksum"})
+
+
+def _file_record(path: Path) -> list:
+    return [path.stat().st_size, file_sha256(path)]
 
 
 def read_json(path: Path):
@@ -100,8 +113,44 @@ class ArtifactStore:
         return self.root / stage / "items"
 
     def lookup(self, stage: str, key: str) -> Path | None:
+        """The finished entry, or None when there is none or it failed verification (then it is moved aside)."""
         path = self.entry(stage, key)
-        return path if (path / MANIFEST).is_file() else None
+        if not (path / MANIFEST).is_file():
+            return None
+        problems = self.verify(stage, key)
+        if not problems:
+            return path
+        listed = "; ".join(f"{name}: {why}" for name, why in list(problems.items())[:3])
+        print(f"warning: cache entry {path} is corrupt ({listed}{'; ...' if len(problems) > 3 else ''}); "
+              f"it will be recomputed", file=sys.stderr)
+        for name in problems:  # a bad per-image result goes with its siblings (a shard's .npy and .json)
+            if name.startswith("items/"):
+                for sibling in self.items(stage).glob(f"{Path(name).name.split('.')[0]}.*"):
+                    sibling.unlink()
+        shutil.rmtree(path)
+        return None
+
+    def verify(self, stage: str, key: str) -> dict[str, str]:
+        """What is wrong with a finished entry, by file: an unreadable or edited manifest, a missing or
+        changed file. Per-image results are named `items/<file>`."""
+        path = self.entry(stage, key)
+        try:
+            manifest = json.loads((path / MANIFEST).read_text())
+        except (OSError, ValueError) as exc:
+            return {MANIFEST: f"unreadable ({exc})"}
+        if not isinstance(manifest, dict) or manifest.get("checksum") != _self_checksum(manifest):
+            return {MANIFEST: "edited, or written by an older version"}
+        problems = {}
+        for base, records in ((path, manifest["files"]), (self.root / stage, manifest["uses"])):
+            for name, (size, digest) in records.items():
+                file = base / name
+                if not file.is_file():
+                    problems[name] = "missing"
+                elif file.stat().st_size != size:
+                    problems[name] = f"{file.stat().st_size} bytes, not {size}"
+                elif file_sha256(file) != digest:
+                    problems[name] = "content changed (sha256)"
+        return problems
 
     def manifest(self, stage: str, key: str) -> dict:
         return read_json(self.entry(stage, key) / MANIFEST)
@@ -111,7 +160,7 @@ class ArtifactStore:
         folder = self.root / stage
         if not folder.is_dir():
             return []
-        found = [p for p in folder.iterdir() if p.name != "items" and ".tmp-" not in p.name and (p / MANIFEST).is_file()]
+        found = [p for p in folder.iterdir() if p.name != "items" and "." not in p.name and (p / MANIFEST).is_file()]
         return [p.name for p in sorted(found, key=lambda p: (p / MANIFEST).stat().st_mtime_ns, reverse=True)]
 
     def begin(self, stage: str, key: str) -> Path:
@@ -126,10 +175,16 @@ class ArtifactStore:
         tmp.mkdir()
         return tmp
 
-    def commit(self, stage: str, key: str, tmp: Path, manifest: dict) -> Path:
-        """Write the manifest last, then move the entry into place in one rename."""
+    def commit(self, stage: str, key: str, tmp: Path, manifest: dict, uses: Iterable[Path] = ()) -> Path:
+        """Checksum the entry's files and the per-image results it `uses`, write the manifest last, then
+        move the entry into place in one rename."""
+        stage_folder = self.root / stage
         manifest = {**manifest, "stage": stage, "key": key, "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-                    "versions": software_versions()}
+                    "versions": software_versions(),
+                    "files": {p.relative_to(tmp).as_posix(): _file_record(p)
+                              for p in sorted(tmp.rglob("*")) if p.is_file() and p.name != MANIFEST},
+                    "uses": {Path(p).relative_to(stage_folder).as_posix(): _file_record(Path(p)) for p in sorted(set(uses))}}
+        manifest["checksum"] = _self_checksum(manifest)
         write_json(tmp / MANIFEST, manifest)
         final = self.entry(stage, key)
         if final.exists():  # an identical entry finished meanwhile (same key = same content)
@@ -139,11 +194,7 @@ class ArtifactStore:
         return final
 
     def size_bytes(self, stage: str, key: str) -> int:
-        """Bytes of the entry, plus the per-image results it lists (per-image stages share those)."""
+        """Bytes of the entry, plus the per-image results it uses (per-image stages share those)."""
         entry = self.entry(stage, key)
-        total = sum(p.stat().st_size for p in entry.rglob("*") if p.is_file())
-        listed = entry / "items.json"
-        if listed.is_file() and self.items(stage).is_dir():
-            keys = {item["key"] for item in read_json(listed) if "key" in item}
-            total += sum(p.stat().st_size for p in self.items(stage).iterdir() if p.name.split(".")[0] in keys)
-        return total
+        return sum(p.stat().st_size for p in entry.rglob("*") if p.is_file()) + \
+            sum(size for size, _ in self.manifest(stage, key).get("uses", {}).values())

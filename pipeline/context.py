@@ -29,6 +29,7 @@ class Context:
     device: torch.device
     key: str = ""  # the key of the entry being written
     skipped: list[dict] = dataclasses.field(default_factory=list)
+    uses: list[Path] = dataclasses.field(default_factory=list)  # per-image results the entry is made of (checksummed)
 
     def skip(self, rel: str, reason: str) -> None:
         """Record a bad input; with `strict`, stop at the first."""

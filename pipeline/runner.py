@@ -115,6 +115,9 @@ def run(cfg: Config, images_dir: str | Path, workdir: str | Path, start: str | N
         key = keys[stage.name]
         started = time.perf_counter()
         if stage in to_compute:
+            if store.items(stage.name).is_dir():  # per-image results are reused only if intact
+                for older in store.finished_keys(stage.name):
+                    store.lookup(stage.name, older)
             tmp = store.begin(stage.name, key)
             ctx = Context(cfg, images, store, tmp, {u: store.entry(u, keys[u]) for u in stage.upstream}, device, key)
             counts = stage.module.run(ctx, stage.params(cfg))
@@ -125,7 +128,7 @@ def run(cfg: Config, images_dir: str | Path, workdir: str | Path, start: str | N
             store.commit(stage.name, key, tmp, {
                 "version": stage.module.VERSION, "params": stage.module.key_params(cfg),
                 "upstream": {u: keys[u] for u in stage.upstream}, "inputs": dataset_fingerprint(images),
-                "counts": counts, "skipped": ctx.skipped, "seconds": round(seconds, 3)})
+                "counts": counts, "skipped": ctx.skipped, "seconds": round(seconds, 3)}, uses=ctx.uses)
             log(f"{stage.name:<13} computed  {key[:12]}  {seconds:8.1f}s  {_summary(counts)}")
         else:
             log(f"{stage.name:<13} cached    {key[:12]}")

@@ -140,6 +140,7 @@ def _gather(ctx, shards, kept, done) -> int:
         shard_id, start, count = done[item["key"]]
         if shard_id not in opened:
             opened[shard_id] = np.load(shards / f"{shard_id}.npy", mmap_mode="r")
+            ctx.uses += [shards / f"{shard_id}.npy", shards / f"{shard_id}.json"]
         array[row:row + count] = opened[shard_id][start:start + count]
         image_index[row:row + count] = position
         object_id[row:row + count] = np.arange(1, count + 1)

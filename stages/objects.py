@@ -62,6 +62,7 @@ def run(ctx: Context, params: Params) -> dict:
             computed, count = computed + 1, len(boxes)
         total_objects += count
         items.append({"image": entry["image"], "key": key, "objects": count})
+        ctx.uses.append(path)
     write_items(ctx.out, items)
     return {"images": len(items), "computed": computed, "objects": total_objects}
 

@@ -93,6 +93,7 @@ def run(ctx: Context, params: Params) -> dict:
         ok, png = cv2.imencode(".png", mask)
         atomic_write(mask_file(ctx.store, key_of[record.rel]), lambda tmp: tmp.write_bytes(png.tobytes()))
     items = [{"image": r.rel, "key": key_of[r.rel]} for r in ctx.images if r.rel not in bad]
+    ctx.uses += [mask_file(ctx.store, i["key"]) for i in items]
     # Images that failed in an earlier run are decoded again above, so `bad` is complete.
     write_items(ctx.out, items)
     return {"images": len(items), "computed": len(pending) - len(bad)}

@@ -1,0 +1,101 @@
+"""A damaged cache is detected on read, reported, and recomputed: never used."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from pipeline import runner
+from pipeline.artifacts import ArtifactStore, read_json
+from tests.conftest import tiny_config
+
+
+def _run(images, workdir):
+    lines = []
+    keys = runner.run(tiny_config(), images, workdir, start="pseudo_masks", only=True, log=lines.append)
+    return keys, {line.split()[0]: line.split()[1] for line in lines}
+
+
+def _masks(workdir, keys) -> dict[str, bytes]:
+    folder = Path(workdir) / "cache" / "pseudo_masks" / keys["pseudo_masks"] / "masks"
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
+
+
+def _manifest(workdir, stage, keys):
+    return read_json(Path(workdir) / "cache" / stage / keys[stage] / "manifest.json")
+
+
+def _truncate(path: Path) -> None:
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+@pytest.fixture
+def finished(images, tmp_path):
+    keys, _ = _run(images, tmp_path / "wd")
+    return tmp_path / "wd", keys, _masks(tmp_path / "wd", keys)
+
+
+def test_a_truncated_embeddings_array_is_recomputed(images, finished, capfd):
+    workdir, keys, masks = finished
+    _truncate(workdir / "cache" / "embed" / keys["embed"] / "embeddings.npy")
+    again, done = _run(images, workdir)
+    assert "embeddings.npy" in capfd.readouterr().err and again == keys
+    assert done["saliency"] == done["objects"] == "cached" and done["embed"] == "computed"
+    assert _manifest(workdir, "embed", keys)["counts"]["computed_images"] == 0  # its shards were intact
+    assert _masks(workdir, keys) == masks
+
+
+def test_a_deleted_saliency_mask_is_recomputed_for_that_image_only(images, finished, capfd):
+    workdir, keys, masks = finished
+    used = sorted(_manifest(workdir, "saliency", keys)["uses"])
+    (workdir / "cache" / "saliency" / used[0]).unlink()
+    _, done = _run(images, workdir)
+    assert f"{used[0]}: missing" in capfd.readouterr().err
+    assert done["saliency"] == "computed" and done["objects"] == "cached"
+    assert _manifest(workdir, "saliency", keys)["counts"]["computed"] == 1
+    assert _masks(workdir, keys) == masks
+
+
+def test_a_damaged_embedding_shard_is_recomputed_when_embed_reruns(images, finished, capfd):
+    workdir, keys, masks = finished
+    shard = next(name for name in _manifest(workdir, "embed", keys)["uses"] if name.endswith(".npy"))
+    _truncate(workdir / "cache" / "embed" / shard)
+    (workdir / "cache" / "embed" / keys["embed"] / "embeddings.npy").unlink()  # so embed must rerun
+    _, done = _run(images, workdir)
+    assert shard in capfd.readouterr().err and done["embed"] == "computed"
+    assert _manifest(workdir, "embed", keys)["counts"]["computed_images"] > 0
+    assert _masks(workdir, keys) == masks
+
+
+def test_an_edited_manifest_is_not_trusted(images, finished, capfd):
+    workdir, keys, masks = finished
+    path = workdir / "cache" / "cluster" / keys["cluster"] / "manifest.json"
+    manifest = json.loads(path.read_text())
+    manifest["params"]["k"] = 99
+    path.write_text(json.dumps(manifest))
+    _, done = _run(images, workdir)
+    assert "manifest.json: edited" in capfd.readouterr().err
+    assert done["embed"] == "cached" and done["cluster"] == "computed"
+    assert _manifest(workdir, "cluster", keys)["params"]["k"] != 99
+    assert _masks(workdir, keys) == masks
+
+
+def test_a_changed_pseudo_mask_of_the_same_size_is_caught_by_its_checksum(images, finished):
+    workdir, keys, _ = finished
+    store = ArtifactStore(workdir / "cache")
+    mask = sorted((store.entry("pseudo_masks", keys["pseudo_masks"]) / "masks").iterdir())[0]
+    data = bytearray(mask.read_bytes())
+    data[-20] ^= 0xFF
+    mask.write_bytes(bytes(data))
+    assert store.verify("pseudo_masks", keys["pseudo_masks"]) == {f"masks/{mask.name}": "content changed (sha256)"}
+    assert store.lookup("pseudo_masks", keys["pseudo_masks"]) is None
+    assert not store.entry("pseudo_masks", keys["pseudo_masks"]).exists()
+
+
+def test_a_clean_entry_verifies(finished):
+    workdir, keys, _ = finished
+    store = ArtifactStore(workdir / "cache")
+    assert all(store.verify(stage, keys[stage]) == {} for stage in runner.STAGE_NAMES[:-1])
+    assert np.load(store.entry("embed", keys["embed"]) / "embeddings.npy").shape[0] > 0
