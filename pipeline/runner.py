@@ -6,6 +6,7 @@ dependants and nothing else.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import shutil
@@ -21,6 +22,7 @@ from pipeline.config import Config
 from pipeline.context import Context
 from pipeline.errors import ConfigError, InputError
 from pipeline.images import ImageRecord, dataset_fingerprint, list_images
+from pipeline.lock import workdir_lock
 from stages import cluster, embed, objects, pseudo_masks, saliency, train
 
 STATE = "state.json"  # the last invocation's images folder, config and finished keys
@@ -97,6 +99,12 @@ def run(cfg: Config, images_dir: str | Path, workdir: str | Path, start: str | N
     too, so the workdir stays consistent). Upstream stages come from the cache (computed if missing)."""
     if start is not None and start not in STAGE_NAMES:
         raise ConfigError(f"unknown stage {start!r} (stages: {', '.join(STAGE_NAMES)})")
+    # Under torchrun every process runs this; rank 0 holds the lock for all of them.
+    with workdir_lock(workdir) if int(os.environ.get("RANK", "0")) == 0 else contextlib.nullcontext():
+        return _run(cfg, images_dir, workdir, start, only, log)
+
+
+def _run(cfg: Config, images_dir, workdir, start: str | None, only: bool, log) -> dict[str, str]:
     until = start if only else STAGE_NAMES[-1]
     device = resolve_device(cfg.device)
     images = list_images(images_dir, cfg.hash_content)

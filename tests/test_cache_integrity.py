@@ -1,7 +1,11 @@
-"""A damaged cache is detected on read, reported, and recomputed: never used."""
+"""A damaged cache is detected on read, reported, and recomputed, never used; one writer per workdir."""
 from __future__ import annotations
 
 import json
+import os
+import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -9,7 +13,8 @@ import pytest
 
 from pipeline import runner
 from pipeline.artifacts import ArtifactStore, read_json
-from tests.conftest import tiny_config
+from pipeline.lock import WorkdirBusyError, workdir_lock
+from tests.conftest import ROOT, tiny_config
 
 
 def _run(images, workdir):
@@ -99,3 +104,28 @@ def test_a_clean_entry_verifies(finished):
     store = ArtifactStore(workdir / "cache")
     assert all(store.verify(stage, keys[stage]) == {} for stage in runner.STAGE_NAMES[:-1])
     assert np.load(store.entry("embed", keys["embed"]) / "embeddings.npy").shape[0] > 0
+
+
+def test_a_second_writer_on_the_same_workdir_is_refused_and_a_dead_holders_lock_is_taken_over(tmp_path):
+    holder = subprocess.Popen([sys.executable, "-c", (
+        "import sys, time; sys.path.insert(0, sys.argv[1]); from pipeline.lock import workdir_lock\n"
+        "with workdir_lock(sys.argv[2]):\n    print('locked', flush=True); time.sleep(60)"), str(ROOT), str(tmp_path)],
+        stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        with pytest.raises(WorkdirBusyError, match=rf"{tmp_path} is in use by pid {holder.pid} "):
+            with workdir_lock(tmp_path):
+                pass
+        os.kill(holder.pid, signal.SIGKILL)
+        holder.wait()
+    finally:
+        holder.kill()
+    with workdir_lock(tmp_path):  # the dead holder's lock is taken over
+        assert f"pid {os.getpid()}" in (tmp_path / "lock").read_text()
+    assert (tmp_path / "lock").read_text() == ""
+
+
+def test_the_runner_holds_the_workdir_lock(images, tmp_path):
+    with workdir_lock(tmp_path / "wd"):
+        with pytest.raises(WorkdirBusyError):
+            _run(images, tmp_path / "wd")

@@ -1,0 +1,47 @@
+"""One writer per workdir: an exclusive lock on `WD/lock`, which also names its holder.
+
+The lock is an `flock` on the file, so the kernel releases it when the holder dies (kill -9, power
+loss): a lock left behind by a dead process is simply taken over. The file's text (pid, command,
+start time) is only there to tell a second invocation who holds the workdir.
+"""
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import os
+import sys
+import time
+from pathlib import Path
+
+from pipeline.errors import PipelineError
+
+LOCK = "lock"
+
+
+class WorkdirBusyError(PipelineError):
+    """Another live process is writing to the same workdir."""
+
+
+@contextlib.contextmanager
+def workdir_lock(workdir: Path):
+    workdir = Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    path = workdir / LOCK
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = path.read_text().strip() or "another process"
+            raise WorkdirBusyError(f"{workdir} is in use by {holder}; wait for it to finish or use another --workdir") from None
+        left = os.read(fd, 4096).decode(errors="replace").strip()
+        if left:
+            print(f"note: took over the lock of {workdir} left by {left}, which is no longer running", file=sys.stderr)
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"pid {os.getpid()} ({' '.join(sys.argv)[:200]}, since {time.strftime('%H:%M:%S')})".encode(), 0)
+        try:
+            yield
+        finally:
+            os.ftruncate(fd, 0)  # released cleanly: nothing to take over
+    finally:
+        os.close(fd)
