@@ -23,3 +23,7 @@ class CacheCorruptError(PipelineError):
 
 class WeightsMismatchError(PipelineError):
     """A weights file does not fit the model: missing, unexpected or misshapen keys."""
+
+
+class StorageError(PipelineError):
+    """The disk is full (or a quota is reached) while writing results."""

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import errno
 import os
 import shutil
 import time
@@ -20,7 +21,7 @@ import torch.distributed as dist
 from pipeline.artifacts import ArtifactStore, read_json, stable_hash, write_json
 from pipeline.config import Config
 from pipeline.context import Context
-from pipeline.errors import ConfigError, InputError
+from pipeline.errors import ConfigError, InputError, StorageError
 from pipeline.images import ImageRecord, dataset_fingerprint, list_images
 from pipeline.lock import workdir_lock
 from stages import cluster, embed, objects, pseudo_masks, saliency, train
@@ -128,15 +129,23 @@ def _run(cfg: Config, images_dir, workdir, start: str | None, only: bool, log) -
                     store.lookup(stage.name, older)
             tmp = store.begin(stage.name, key)
             ctx = Context(cfg, images, store, tmp, {u: store.entry(u, keys[u]) for u in stage.upstream}, device, key)
-            counts = stage.module.run(ctx, stage.params(cfg))
-            seconds = time.perf_counter() - started
-            if rank:  # under torchrun, rank 0 alone writes the entry
-                shutil.rmtree(tmp)
-                continue
-            store.commit(stage.name, key, tmp, {
-                "version": stage.module.VERSION, "params": stage.module.key_params(cfg),
-                "upstream": {u: keys[u] for u in stage.upstream}, "inputs": dataset_fingerprint(images),
-                "counts": counts, "skipped": ctx.skipped, "seconds": round(seconds, 3)}, uses=ctx.uses)
+            try:
+                counts = stage.module.run(ctx, stage.params(cfg))
+                seconds = time.perf_counter() - started
+                if rank:  # under torchrun, rank 0 alone writes the entry
+                    shutil.rmtree(tmp)
+                    continue
+                store.commit(stage.name, key, tmp, {
+                    "version": stage.module.VERSION, "params": stage.module.key_params(cfg),
+                    "upstream": {u: keys[u] for u in stage.upstream}, "inputs": dataset_fingerprint(images),
+                    "counts": counts, "skipped": ctx.skipped, "seconds": round(seconds, 3)}, uses=ctx.uses)
+            except OSError as exc:
+                if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+                    raise
+                shutil.rmtree(tmp, ignore_errors=True)  # frees what this attempt wrote; finished per-image results stay
+                raise StorageError(f"no space left on the device while stage {stage.name} wrote "
+                                   f"{exc.filename or 'its results'}; free some space and run the same command "
+                                   f"again: finished work is kept") from None
             log(f"{stage.name:<13} computed  {key[:12]}  {seconds:8.1f}s  {_summary(counts)}")
         else:
             log(f"{stage.name:<13} cached    {key[:12]}")

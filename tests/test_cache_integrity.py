@@ -1,6 +1,8 @@
-"""A damaged cache is detected on read, reported, and recomputed, never used; one writer per workdir."""
+"""A damaged cache is detected on read, reported, and recomputed, never used; one writer per workdir;
+a full disk stops the run with a clear error and nothing that looks finished."""
 from __future__ import annotations
 
+import errno
 import json
 import os
 import signal
@@ -13,6 +15,7 @@ import pytest
 
 from pipeline import runner
 from pipeline.artifacts import ArtifactStore, read_json
+from pipeline.errors import StorageError
 from pipeline.lock import WorkdirBusyError, workdir_lock
 from tests.conftest import ROOT, tiny_config
 
@@ -129,3 +132,28 @@ def test_the_runner_holds_the_workdir_lock(images, tmp_path):
     with workdir_lock(tmp_path / "wd"):
         with pytest.raises(WorkdirBusyError):
             _run(images, tmp_path / "wd")
+
+
+@pytest.mark.parametrize("failing_write", [3, 12, 26])  # a saliency mask, its manifest, an embedding shard
+def test_a_full_disk_stops_with_a_clear_error_and_no_finished_looking_entry(images, tmp_path, monkeypatch, failing_write):
+    real_replace, writes = os.replace, []
+
+    def replace_until_the_disk_is_full(src, dst):  # every cache file is renamed into place by atomic_write
+        writes.append(dst)
+        if len(writes) >= failing_write:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(dst))
+        real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", replace_until_the_disk_is_full)
+    with pytest.raises(StorageError, match=r"no space left on the device while stage \w+ wrote .*run the same command"):
+        _run(images, tmp_path / "wd")
+    monkeypatch.setattr(os, "replace", real_replace)
+    store = ArtifactStore(tmp_path / "wd" / "cache")
+    for stage in runner.STAGE_NAMES:
+        folder = store.root / stage
+        leftovers = [p.name for p in folder.iterdir() if p.name != "items"] if folder.is_dir() else []
+        finished = [name for name in leftovers if store.lookup(stage, name)]
+        assert all(store.verify(stage, name) == {} for name in finished)  # what looks finished is finished
+        assert not [name for name in leftovers if ".tmp-" in name]  # the failed attempt's folder is gone
+    keys, _ = _run(images, tmp_path / "wd")  # with space again, the run finishes
+    assert store.lookup("pseudo_masks", keys["pseudo_masks"])
