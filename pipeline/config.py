@@ -17,6 +17,7 @@ import yaml
 
 from pipeline.backbones import BackboneParams
 from pipeline.errors import ConfigError
+from pipeline.images import DEFAULT_MAX_PIXELS
 from stages import cluster, embed, objects, pseudo_masks, saliency, train
 
 DEVICES = ("cpu", "cuda", "auto")
@@ -36,10 +37,13 @@ class Config:
     workers: int = 2
     strict: bool = False  # the first bad image is fatal instead of skipped
     hash_content: bool = False  # fingerprint images by content instead of (path, size, mtime)
+    max_pixels: int = DEFAULT_MAX_PIXELS  # larger images are skipped as decompression bombs
 
     def __post_init__(self):
         if self.workers < 0:
             raise ConfigError(f"workers must be >= 0, got {self.workers}")
+        if self.max_pixels < 1:
+            raise ConfigError(f"max_pixels must be >= 1, got {self.max_pixels}")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

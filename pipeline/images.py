@@ -19,7 +19,8 @@ from pipeline.artifacts import file_sha256
 from pipeline.errors import InputError
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"}
-MAX_PIXELS = 89_478_485  # Pillow's decompression-bomb limit; larger images are skipped
+DEFAULT_MAX_PIXELS = 89_478_485  # Pillow's decompression-bomb limit
+MAX_PIXELS = DEFAULT_MAX_PIXELS  # larger images are skipped; the config's max_pixels sets it
 
 
 class BadImage(Exception):
@@ -44,25 +45,55 @@ def stem_of(rel: str) -> str:
 
 def list_images(folder: str | Path, hash_content: bool = False) -> list[ImageRecord]:
     """All images under `folder` (recursively), sorted by relative path."""
+    return scan_images(folder, hash_content)[0]
+
+
+def scan_images(folder: str | Path, hash_content: bool = False) -> tuple[list[ImageRecord], list[dict]]:
+    """(images, left out): every image under `folder`, sorted by relative path, and every other file
+    found, each with its one-line reason. Symlinks are followed (datasets are often symlink farms), a
+    folder reached a second time (a symlink loop) is not entered again."""
     root = Path(folder)
     if not root.exists():
         raise InputError(f"image folder not found: {root}")
     if not root.is_dir():
         raise InputError(f"not a folder: {root}")
     root = root.resolve()
-    records = []
-    for dirpath, dirnames, filenames in os.walk(root):
+    records, left_out, seen = [], [], set()
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+        here = Path(dirpath)
+        if os.path.realpath(here) in seen:
+            left_out.append({"image": here.relative_to(root).as_posix(), "reason": "symlink to a folder already listed (a loop)"})
+            dirnames.clear()
+            continue
+        seen.add(os.path.realpath(here))
         dirnames.sort()
         for name in filenames:
-            path = Path(dirpath) / name
-            if path.suffix.lower() not in IMAGE_SUFFIXES or not path.is_file():
-                continue
+            path = here / name
             rel = path.relative_to(root).as_posix()
-            records.append(ImageRecord(path, rel, fingerprint(path, rel, hash_content)))
-    if not records:
-        raise InputError(f"no images ({', '.join(sorted(IMAGE_SUFFIXES))}) found in {root}")
+            if path.suffix.lower() not in IMAGE_SUFFIXES:
+                left_out.append({"image": rel, "reason": f"not an image file name ({path.suffix or 'no suffix'})"})
+            elif not path.exists():
+                left_out.append({"image": rel, "reason": "broken symlink"})
+            elif not path.is_file():
+                left_out.append({"image": rel, "reason": "not a regular file"})
+            else:
+                records.append(ImageRecord(path, rel, fingerprint(path, rel, hash_content)))
     records.sort(key=lambda r: r.rel)
-    return records
+    kept, by_stem = [], {}
+    for record in records:  # masks are named by the stem: a.jpg and a.png would overwrite each other's
+        if record.stem in by_stem:
+            left_out.append({"image": record.rel, "reason": f"same name as {by_stem[record.stem]} apart from the extension"})
+        else:
+            by_stem[record.stem] = record.rel
+            kept.append(record)
+    if not kept:
+        raise InputError(f"no images ({', '.join(sorted(IMAGE_SUFFIXES))}) found in {root}")
+    return kept, sorted(left_out, key=lambda e: e["image"])
+
+
+def is_image_problem(left_out: dict) -> bool:
+    """An image file that cannot be used (strict mode stops on it), not just a file that is no image."""
+    return not left_out["reason"].startswith("not an image file name")
 
 
 def fingerprint(path: Path, rel: str, hash_content: bool) -> str:
@@ -72,11 +103,20 @@ def fingerprint(path: Path, rel: str, hash_content: bool) -> str:
     return f"{rel}:{stat.st_size}:{stat.st_mtime_ns}"
 
 
-def dataset_fingerprint(records: list[ImageRecord]) -> str:
+def dataset_fingerprint(records: list[ImageRecord], left_out: list[dict] = ()) -> str:
     digest = hashlib.sha256()
     for record in records:
         digest.update(record.fingerprint.encode() + b"\n")
+    for entry in left_out:  # so the first stage's list of left-out files is always the folder's
+        digest.update(f"left out {entry['image']}: {entry['reason']}\n".encode())
     return digest.hexdigest()
+
+
+def set_pixel_limit(pixels: int) -> None:
+    """Images above this many pixels are skipped (decompression bombs). Global like Pillow's own limit,
+    and set before DataLoader workers fork, so they inherit it."""
+    global MAX_PIXELS
+    MAX_PIXELS = pixels
 
 
 def load_rgb(path: str | Path) -> np.ndarray:

@@ -22,7 +22,7 @@ from pipeline.artifacts import ArtifactStore, read_json, stable_hash, write_json
 from pipeline.config import Config
 from pipeline.context import Context
 from pipeline.errors import ConfigError, InputError, StorageError
-from pipeline.images import ImageRecord, dataset_fingerprint, list_images
+from pipeline.images import ImageRecord, dataset_fingerprint, is_image_problem, scan_images, set_pixel_limit
 from pipeline.lock import workdir_lock
 from stages import cluster, embed, objects, pseudo_masks, saliency, train
 
@@ -74,8 +74,8 @@ class Workdir:
         return entry
 
 
-def stage_keys(cfg: Config, images: list[ImageRecord]) -> dict[str, str]:
-    inputs = dataset_fingerprint(images)
+def stage_keys(cfg: Config, images: list[ImageRecord], left_out: list[dict] = ()) -> dict[str, str]:
+    inputs = dataset_fingerprint(images, left_out)
     keys: dict[str, str] = {}
     for stage in STAGES:
         keys[stage.name] = stable_hash({"stage": stage.name, "version": stage.module.VERSION,
@@ -108,10 +108,14 @@ def run(cfg: Config, images_dir: str | Path, workdir: str | Path, start: str | N
 def _run(cfg: Config, images_dir, workdir, start: str | None, only: bool, log) -> dict[str, str]:
     until = start if only else STAGE_NAMES[-1]
     device = resolve_device(cfg.device)
-    images = list_images(images_dir, cfg.hash_content)
+    images, left_out = scan_images(images_dir, cfg.hash_content)
+    problems = [e for e in left_out if is_image_problem(e)]
+    if cfg.strict and problems:
+        raise InputError(f"{problems[0]['image']}: {problems[0]['reason']} (strict mode stops at the first bad image)")
+    set_pixel_limit(cfg.max_pixels)
     wd = Workdir(Path(workdir))
     store = wd.store
-    keys = stage_keys(cfg, images)
+    keys = stage_keys(cfg, images, left_out)
     todo = STAGES[:STAGE_NAMES.index(until) + 1]
     to_compute = [s for s in todo if store.lookup(s.name, keys[s.name]) is None]
     for stage in to_compute:  # fail on bad config and missing inputs before any work
@@ -128,7 +132,8 @@ def _run(cfg: Config, images_dir, workdir, start: str | None, only: bool, log) -
                 for older in store.finished_keys(stage.name):
                     store.lookup(stage.name, older)
             tmp = store.begin(stage.name, key)
-            ctx = Context(cfg, images, store, tmp, {u: store.entry(u, keys[u]) for u in stage.upstream}, device, key)
+            ctx = Context(cfg, images, store, tmp, {u: store.entry(u, keys[u]) for u in stage.upstream}, device, key,
+                          skipped=list(left_out) if stage is STAGES[0] else [])  # the stage that reads the folder
             try:
                 counts = stage.module.run(ctx, stage.params(cfg))
                 seconds = time.perf_counter() - started
@@ -137,7 +142,7 @@ def _run(cfg: Config, images_dir, workdir, start: str | None, only: bool, log) -
                     continue
                 store.commit(stage.name, key, tmp, {
                     "version": stage.module.VERSION, "params": stage.module.key_params(cfg),
-                    "upstream": {u: keys[u] for u in stage.upstream}, "inputs": dataset_fingerprint(images),
+                    "upstream": {u: keys[u] for u in stage.upstream}, "inputs": dataset_fingerprint(images, left_out),
                     "counts": counts, "skipped": ctx.skipped, "seconds": round(seconds, 3)}, uses=ctx.uses)
             except OSError as exc:
                 if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
@@ -179,7 +184,7 @@ def status(workdir: str | Path) -> list[dict]:
     wd = Workdir(Path(workdir))
     state = wd.state()
     cfg = load_config_dict(state["config"])
-    keys = stage_keys(cfg, list_images(state["images"], cfg.hash_content))
+    keys = stage_keys(cfg, *scan_images(state["images"], cfg.hash_content))
     rows = []
     for stage in STAGES:
         key = keys[stage.name]

@@ -23,7 +23,7 @@ from pipeline.artifacts import atomic_write, file_sha256
 from pipeline.backbones import build_backbone
 from pipeline.context import Context, item_key, write_items
 from pipeline.errors import ConfigError, InputError
-from pipeline.images import IMAGE_SUFFIXES, decoded
+from pipeline.images import DEFAULT_MAX_PIXELS, IMAGE_SUFFIXES, decoded
 
 VERSION = 1
 SPECTRAL_GRID = 28  # patches per side when input_size is 0
@@ -52,6 +52,11 @@ class Params:
 
 
 def key_params(cfg) -> dict:
+    # max_pixels decides which images are skipped; named only when set, so existing caches stay valid
+    return {**_method_params(cfg), **({"max_pixels": cfg.max_pixels} if cfg.max_pixels != DEFAULT_MAX_PIXELS else {})}
+
+
+def _method_params(cfg) -> dict:
     p = cfg.saliency
     if p.method == "spectral":
         return {"method": p.method, "input_size": p.input_size, "tau": p.tau, "backbone": dataclasses.asdict(cfg.backbone)}

@@ -398,3 +398,26 @@ def test_read_label_png_unreadable(tmp_path):
     with pytest.raises(InputError) as info:
         read_label_png(path)
     assert str(path) in str(info.value)
+
+
+# What each EXIF orientation means for display, from the EXIF spec, written independently of Pillow.
+EXIF_DISPLAY = {1: lambda a: a, 2: lambda a: a[:, ::-1], 3: lambda a: a[::-1, ::-1], 4: lambda a: a[::-1],
+                5: lambda a: a.transpose(1, 0, 2), 6: lambda a: np.rot90(a, -1), 7: lambda a: a[::-1, ::-1].transpose(1, 0, 2),
+                8: lambda a: np.rot90(a, 1)}
+
+
+@pytest.mark.parametrize("orientation", range(1, 9))
+def test_every_exif_orientation_is_displayed_as_the_spec_says(tmp_path, orientation):
+    stored = np.zeros((32, 48, 3), np.uint8)  # four 16x24 quadrants: no symmetry hides a wrong transform
+    stored[:16, :24], stored[:16, 24:], stored[16:, :24], stored[16:, 24:] = RED, BLUE, (0, 255, 0), (255, 255, 255)
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    Image.fromarray(stored).save(tmp_path / "o.jpg", exif=exif, quality=98)
+    expected = EXIF_DISPLAY[orientation](stored)
+    decoded = load_rgb(tmp_path / "o.jpg")
+    assert decoded.shape == expected.shape
+
+    def quadrant_means(a):  # JPEG blurs colours across the quadrant edges, so compare the quadrants' means
+        h, w = a.shape[0] // 2, a.shape[1] // 2
+        return a.reshape(2, h, 2, w, 3).mean(axis=(1, 3))
+    assert np.abs(quadrant_means(decoded.astype(float)) - quadrant_means(expected.astype(float))).max() < 25
