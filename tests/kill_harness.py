@@ -1,0 +1,82 @@
+"""Kill a pipeline run at random moments in every stage, restart it each time, and compare what it
+finally produces with an uninterrupted run's. Used by tests/test_kill_anywhere.py (one kill per stage)
+and benchmarks/kill_anywhere.py (many kills, several seeds)."""
+from __future__ import annotations
+
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+STAGES = ("saliency", "objects", "embed", "cluster", "pseudo_masks", "train")
+
+
+def command(images: Path, workdir: Path, overrides: tuple[str, ...]) -> list[str]:
+    return [sys.executable, str(ROOT / "run_pipeline.py"), "run", "--images", str(images), "--workdir", str(workdir), *overrides]
+
+
+def _stage_started(workdir: Path, stage: str) -> bool:
+    """The stage is writing its entry (the store's `<key>.tmp-<pid>` folder exists)."""
+    folder = workdir / "cache" / stage
+    return folder.is_dir() and any(".tmp-" in p.name for p in folder.iterdir())
+
+
+def run_with_kills(images: Path, workdir: Path, overrides: tuple[str, ...], kills: list[tuple[str, float, int]],
+                   timeout: float = 300) -> list[dict]:
+    """For each (stage, delay, signal): start the run, wait until that stage has started, wait `delay` seconds
+    more, send the signal to the whole process group; then run once more to the end. Returns what happened."""
+    log = []
+    for stage, delay, signum in kills:
+        process = subprocess.Popen(command(images, workdir, overrides), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                   text=True, start_new_session=True)
+        deadline = time.monotonic() + timeout
+        while not _stage_started(workdir, stage) and process.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.005)
+        time.sleep(delay)
+        hit = process.poll() is None
+        if hit:
+            os.killpg(process.pid, signum)
+        out, err = process.communicate(timeout=timeout)
+        log.append({"stage": stage, "delay": round(delay, 3), "signal": signal.Signals(signum).name, "hit": hit,
+                    "returncode": process.returncode, "stderr": err[-400:]})
+    finished = subprocess.run(command(images, workdir, overrides), capture_output=True, text=True, timeout=timeout)
+    if finished.returncode:
+        raise RuntimeError(f"the run after the kills failed:\n{finished.stderr[-2000:]}")
+    return log
+
+
+def random_kills(seed: int, per_stage: int, max_delay: float, sigint_every: int = 5) -> list[tuple[str, float, int]]:
+    """`per_stage` kills in each stage at random delays; every `sigint_every`-th is a Ctrl-C, the rest SIGKILL."""
+    rng = random.Random(seed)
+    kills = []
+    for stage in STAGES:
+        for _ in range(per_stage):
+            signum = signal.SIGINT if (len(kills) + 1) % sigint_every == 0 else signal.SIGKILL
+            kills.append((stage, rng.uniform(0, max_delay), signum))
+    return kills
+
+
+def artifacts(workdir: Path) -> dict[str, bytes]:
+    """The bytes that must not depend on interruptions: pseudo masks, embeddings, saliency masks."""
+    from pipeline.artifacts import read_json
+
+    state = read_json(workdir / "state.json")
+    cache, keys = workdir / "cache", state["keys"]
+    found = {f"pseudo_masks/{p.name}": p.read_bytes()
+             for p in sorted((cache / "pseudo_masks" / keys["pseudo_masks"] / "masks").rglob("*.png"))}
+    found["embeddings.npy"] = np.load(cache / "embed" / keys["embed"] / "embeddings.npy").tobytes()
+    for item in read_json(cache / "saliency" / keys["saliency"] / "items.json"):
+        found[f"saliency/{item['image']}"] = (cache / "saliency" / "items" / f"{item['key']}.png").read_bytes()
+    return found
+
+
+def segmenter_miou(workdir: Path, labels: Path) -> float:
+    from stages.evaluate import evaluate_workdir
+
+    return evaluate_workdir(workdir, labels, "segmenter")["miou"]
