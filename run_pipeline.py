@@ -36,9 +36,14 @@ def build_parser() -> argparse.ArgumentParser:
     _common(stage)
     status = commands.add_parser("status", help="each stage: cached / stale / missing, key, size, time")
     status.add_argument("--workdir", default=DEFAULT_WORKDIR)
-    export = commands.add_parser("export", help="write the pseudo-label dataset (images/, masks/, train.txt, meta.json)")
+    export = commands.add_parser("export", help="write the pseudo-label dataset: VOC-style folder or COCO JSON")
     export.add_argument("--workdir", default=DEFAULT_WORKDIR)
     export.add_argument("--to", required=True, help="a new (or empty) folder")
+    export.add_argument("--format", default="voc", choices=("voc", "coco"),
+                        help="voc: images/, masks/ (palette PNG, 255 ignore), train.txt, val.txt; coco: images/, "
+                             "annotations.json (RLE per object) [voc]")
+    export.add_argument("--clusters", help="export only these cluster ids, e.g. 3,7 (the rest become ignore / are dropped)")
+    export.add_argument("--names", help="names.yaml mapping cluster id -> name, e.g. `3: person`")
     evaluate = commands.add_parser("evaluate", help="Hungarian-matched mIoU against ground-truth label PNGs")
     evaluate.add_argument("--workdir", default=DEFAULT_WORKDIR)
     evaluate.add_argument("--labels", required=True, help="folder of label PNGs named like the images")
@@ -94,10 +99,13 @@ def main(argv=None) -> int:
                 when = f"{row['seconds']:8.1f}s  {row['finished']}" if row["seconds"] is not None else ""
                 print(f"{row['stage']:<13} {row['status']:<8} {row['key'][:12]}  {size}  {when}")
         elif args.command == "export":
+            from pipeline.names import parse_clusters
             from stages.export import export_workdir
 
-            meta = export_workdir(args.workdir, args.to)
-            print(f"exported {meta['images']} images with {meta['num_classes']} classes to {args.to}")
+            clusters = parse_clusters(args.clusters) if args.clusters is not None else None
+            meta = export_workdir(args.workdir, args.to, args.format, clusters, args.names)
+            print(f"exported {meta['images']} images ({meta['split']['train']} train, {meta['split']['val']} val), "
+                  f"clusters {','.join(map(str, meta['clusters']))}, as {args.format} to {args.to}")
         elif args.command == "evaluate":
             from stages.evaluate import evaluate_workdir
 
