@@ -10,6 +10,7 @@ from pathlib import Path
 from pipeline.errors import PipelineError
 
 DEFAULT_WORKDIR = "runs/default"
+CREATES_WORKDIR = ("run", "stage", "demo")  # the other commands log only into a workdir that exists
 
 
 def _common(parser: argparse.ArgumentParser, images: bool = True) -> None:
@@ -86,6 +87,15 @@ def main(argv=None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(strays)}")
     if leftovers:
         args.overrides = [*args.overrides, *leftovers]
+    workdir = getattr(args, "workdir", None)
+    if workdir is None or not (args.command in CREATES_WORKDIR or Path(workdir).is_dir()):
+        return _command(args)
+    from pipeline.runlog import logged
+
+    return logged(Path(workdir), args.command, list(sys.argv[1:] if argv is None else argv), lambda: _command(args))
+
+
+def _command(args) -> int:
     try:
         from pipeline import runner
 
