@@ -45,6 +45,11 @@ def build_parser() -> argparse.ArgumentParser:
                              "annotations.json (RLE per object) [voc]")
     export.add_argument("--clusters", help="export only these cluster ids, e.g. 3,7 (the rest become ignore / are dropped)")
     export.add_argument("--names", help="names.yaml mapping cluster id -> name, e.g. `3: person`")
+    report = commands.add_parser("report", help="static HTML report: run summary, cluster galleries, overlays, plots")
+    report.add_argument("--workdir", default=DEFAULT_WORKDIR)
+    report.add_argument("--labels", help="ground-truth label PNGs: adds matched classes, purity, confusion and IoU plots")
+    report.add_argument("--names", help="names.yaml mapping cluster id -> name, shown in the legend and galleries")
+    report.add_argument("--out", help="report folder (replaced if it holds an earlier report) [WORKDIR/report]")
     evaluate = commands.add_parser("evaluate", help="Hungarian-matched mIoU against ground-truth label PNGs")
     evaluate.add_argument("--workdir", default=DEFAULT_WORKDIR)
     evaluate.add_argument("--labels", required=True, help="folder of label PNGs named like the images")
@@ -116,6 +121,11 @@ def _command(args) -> int:
             meta = export_workdir(args.workdir, args.to, args.format, clusters, args.names)
             print(f"exported {meta['images']} images ({meta['split']['train']} train, {meta['split']['val']} val), "
                   f"clusters {','.join(map(str, meta['clusters']))}, as {args.format} to {args.to}")
+        elif args.command == "report":
+            from stages.report import report_workdir
+
+            index = report_workdir(args.workdir, args.out, args.labels, args.names)
+            print(f"report written: {index}")
         elif args.command == "evaluate":
             from stages.evaluate import evaluate_workdir
 
