@@ -10,6 +10,7 @@ from pathlib import Path
 from pipeline.errors import PipelineError
 
 DEFAULT_WORKDIR = "runs/default"
+CREATES_WORKDIR = ("run", "stage", "demo")  # the other commands log only into a workdir that exists
 
 
 def _common(parser: argparse.ArgumentParser, images: bool = True) -> None:
@@ -36,9 +37,19 @@ def build_parser() -> argparse.ArgumentParser:
     _common(stage)
     status = commands.add_parser("status", help="each stage: cached / stale / missing, key, size, time")
     status.add_argument("--workdir", default=DEFAULT_WORKDIR)
-    export = commands.add_parser("export", help="write the pseudo-label dataset (images/, masks/, train.txt, meta.json)")
+    export = commands.add_parser("export", help="write the pseudo-label dataset: VOC-style folder or COCO JSON")
     export.add_argument("--workdir", default=DEFAULT_WORKDIR)
     export.add_argument("--to", required=True, help="a new (or empty) folder")
+    export.add_argument("--format", default="voc", choices=("voc", "coco"),
+                        help="voc: images/, masks/ (palette PNG, 255 ignore), train.txt, val.txt; coco: images/, "
+                             "annotations.json (RLE per object) [voc]")
+    export.add_argument("--clusters", help="export only these cluster ids, e.g. 3,7 (the rest become ignore / are dropped)")
+    export.add_argument("--names", help="names.yaml mapping cluster id -> name, e.g. `3: person`")
+    report = commands.add_parser("report", help="static HTML report: run summary, cluster galleries, overlays, plots")
+    report.add_argument("--workdir", default=DEFAULT_WORKDIR)
+    report.add_argument("--labels", help="ground-truth label PNGs: adds matched classes, purity, confusion and IoU plots")
+    report.add_argument("--names", help="names.yaml mapping cluster id -> name, shown in the legend and galleries")
+    report.add_argument("--out", help="report folder (replaced if it holds an earlier report) [WORKDIR/report]")
     evaluate = commands.add_parser("evaluate", help="Hungarian-matched mIoU against ground-truth label PNGs")
     evaluate.add_argument("--workdir", default=DEFAULT_WORKDIR)
     evaluate.add_argument("--labels", required=True, help="folder of label PNGs named like the images")
@@ -81,6 +92,15 @@ def main(argv=None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(strays)}")
     if leftovers:
         args.overrides = [*args.overrides, *leftovers]
+    workdir = getattr(args, "workdir", None)
+    if workdir is None or not (args.command in CREATES_WORKDIR or Path(workdir).is_dir()):
+        return _command(args)
+    from pipeline.runlog import logged
+
+    return logged(Path(workdir), args.command, list(sys.argv[1:] if argv is None else argv), lambda: _command(args))
+
+
+def _command(args) -> int:
     try:
         from pipeline import runner
 
@@ -94,10 +114,18 @@ def main(argv=None) -> int:
                 when = f"{row['seconds']:8.1f}s  {row['finished']}" if row["seconds"] is not None else ""
                 print(f"{row['stage']:<13} {row['status']:<8} {row['key'][:12]}  {size}  {when}")
         elif args.command == "export":
+            from pipeline.names import parse_clusters
             from stages.export import export_workdir
 
-            meta = export_workdir(args.workdir, args.to)
-            print(f"exported {meta['images']} images with {meta['num_classes']} classes to {args.to}")
+            clusters = parse_clusters(args.clusters) if args.clusters is not None else None
+            meta = export_workdir(args.workdir, args.to, args.format, clusters, args.names)
+            print(f"exported {meta['images']} images ({meta['split']['train']} train, {meta['split']['val']} val), "
+                  f"clusters {','.join(map(str, meta['clusters']))}, as {args.format} to {args.to}")
+        elif args.command == "report":
+            from stages.report import report_workdir
+
+            index = report_workdir(args.workdir, args.out, args.labels, args.names)
+            print(f"report written: {index}")
         elif args.command == "evaluate":
             from stages.evaluate import evaluate_workdir
 

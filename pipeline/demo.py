@@ -108,6 +108,7 @@ def run_demo(workdir: Path, count: int) -> dict:
     from pipeline.config import load_config
     from stages.evaluate import evaluate_workdir
     from stages.export import export_workdir
+    from stages.report import report_workdir
 
     data = Path(__file__).resolve().parent.parent / "data" / "generated" / f"shapes-{count}"
     images, labels = make_shapes(data, count) if not (data / "labels").is_dir() else (data / "images", data / "labels")
@@ -122,8 +123,9 @@ def run_demo(workdir: Path, count: int) -> dict:
     export = workdir / "export"
     if not export.exists():
         export_workdir(workdir, export)
+    report = report_workdir(workdir, labels=labels)
     print(f"demo: mIoU (Hungarian, {metrics['classes']} classes): pseudo masks {metrics['miou']:.3f}, segmenter "
           f"{segmenter['miou']:.3f}; saliency foreground IoU {metrics['saliency_foreground']['iou']:.3f} "
           f"[stand-in models, not comparable to DINO]")
-    print(f"demo: pseudo-label dataset in {export}; metrics in {workdir / 'evaluation'}")
+    print(f"demo: pseudo-label dataset in {export}; metrics in {workdir / 'evaluation'}; report in {report}")
     return metrics

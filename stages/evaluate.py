@@ -14,7 +14,9 @@ from pathlib import Path
 import cv2
 import numpy as np
 from scipy.optimize import linear_sum_assignment
+from tqdm import tqdm
 
+from pipeline.artifacts import read_json
 from pipeline.errors import InputError
 from pipeline.images import IMAGE_SUFFIXES, read_label_png, stem_of
 
@@ -104,24 +106,11 @@ def foreground_iou(mask_and_label: list[tuple[Path, Path]]) -> dict:
             "images": len(per_image)}
 
 
-SOURCES = {"pseudo_masks": "pseudo_masks", "segmenter": "train"}  # what is evaluated -> the stage that made it
-
-
-def evaluate_workdir(workdir: Path, labels_dir: Path, source: str = "pseudo_masks") -> dict:
-    """Metrics of the last run's pseudo masks or segmenter predictions, and of its saliency masks;
-    written to `<workdir>/evaluation/<source>/metrics.json`."""
-    from pipeline.artifacts import read_json, write_json
-    from pipeline.context import ITEMS
-    from pipeline.runner import Workdir
-    from stages.saliency import mask_file
-    from tqdm import tqdm
-
-    wd = Workdir(Path(workdir))
-    entry = wd.latest_entry(SOURCES[source])
-    items = read_json(entry / ITEMS)
-    labels = label_files(Path(labels_dir), [i["image"] for i in items])
+def entry_confusion(entry: Path, items: list[dict], labels: dict[str, Path]) -> tuple[np.ndarray, int, int]:
+    """(256x256 confusion, predicted ids, ground-truth classes) of an entry's masks ({image, mask} items)
+    against the labels there are; InputError for a predicted id the entry cannot make."""
     confusion = np.zeros((256, 256), dtype=np.int64)
-    for item in tqdm(items, desc="evaluate", disable=None, leave=False):
+    for item in tqdm(items, desc="confusion", disable=None, leave=False):
         if item["image"] in labels:
             accumulate(confusion, *read_pair(entry / item["mask"], labels[item["image"]]))
     present = np.flatnonzero(confusion.sum(axis=0))
@@ -130,6 +119,25 @@ def evaluate_workdir(workdir: Path, labels_dir: Path, source: str = "pseudo_mask
     stray = np.flatnonzero(confusion[num_predicted:IGNORE].sum(axis=1))
     if len(stray):
         raise InputError(f"{entry}: predicted id {num_predicted + int(stray[0])} is outside 0..{num_predicted - 1} and 255")
+    return confusion, num_predicted, num_classes
+
+
+SOURCES = {"pseudo_masks": "pseudo_masks", "segmenter": "train"}  # what is evaluated -> the stage that made it
+
+
+def evaluate_workdir(workdir: Path, labels_dir: Path, source: str = "pseudo_masks") -> dict:
+    """Metrics of the last run's pseudo masks or segmenter predictions, and of its saliency masks;
+    written to `<workdir>/evaluation/<source>/metrics.json`."""
+    from pipeline.artifacts import write_json
+    from pipeline.context import ITEMS
+    from pipeline.runner import Workdir
+    from stages.saliency import mask_file
+
+    wd = Workdir(Path(workdir))
+    entry = wd.latest_entry(SOURCES[source])
+    items = read_json(entry / ITEMS)
+    labels = label_files(Path(labels_dir), [i["image"] for i in items])
+    confusion, num_predicted, num_classes = entry_confusion(entry, items, labels)
     saliency_items = read_json(wd.latest_entry("saliency") / ITEMS)
     metrics = {"source": source, "entry": entry.name, "images_evaluated": sum(i["image"] in labels for i in items),
                "images_without_label": sum(i["image"] not in labels for i in items),

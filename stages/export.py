@@ -1,56 +1,98 @@
-"""Export: the pseudo-label dataset as a folder a segmentation trainer reads as is.
+"""Export: the pseudo-label dataset as a folder a segmentation or detection trainer reads as is.
 
-  images/<id>.jpg   the photo as the pipeline saw it (original bytes when nothing needed decoding)
-  masks/<id>.png    palette PNG: 0 background, 1..k clusters, 255 ignore
-  train.txt         one <id> per line (VOC ImageSets style)
-  meta.json         class count, ignore index, config, artifact keys, counts
+Both formats:
+  images/<id>.jpg      the photo as the pipeline saw it (original bytes when nothing needed decoding)
+  train.txt, val.txt   one <id> per line (VOC ImageSets style); an image is in val when
+                       int(sha256(id), 16) % 100 < 10: a fixed 10% that does not move when photos are added
+  meta.json            classes and cluster names, exported clusters, split, config, artifact keys, counts
+`voc` adds masks/<id>.png: palette PNGs, 0 background, cluster id + 1, 255 ignore.
+`coco` adds annotations.json: one annotation per object of the objects stage (RLE mask, bbox, area,
+category_id = cluster id + 1); objects the cluster stage left as ignore have no category and are left out.
+`clusters` exports only those clusters: in masks the others' pixels become 255, in COCO their objects are dropped.
+Mask values and category ids stay cluster id + 1 either way, so names.yaml, the report and the export agree.
 The folder is written under a temporary name and renamed when complete; an existing one is never touched.
 """
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import shutil
-from pathlib import Path
+from pathlib import Path, PurePosixPath
+from typing import Sequence
 
+import numpy as np
+import pycocotools.mask
 from PIL import Image
 from tqdm import tqdm
 
 from pipeline.artifacts import read_json, write_json
 from pipeline.context import ITEMS
-from pipeline.errors import InputError
-from pipeline.images import BadImage, load_rgb, stem_of
+from pipeline.errors import CacheCorruptError, InputError
+from pipeline.images import BadImage, load_rgb, read_label_png, stem_of, write_label_png
+from pipeline.names import check_clusters, class_names, cluster_name, load_names
+from stages.objects import IGNORE, load_objects, object_file
 
 EXIF_ORIENTATION = 0x0112
+FORMATS = ("voc", "coco")
+VAL_PERCENT = 10
 
 
-def export_workdir(workdir: Path, to: Path) -> dict:
+def export_workdir(workdir: Path, to: Path, fmt: str = "voc", clusters: Sequence[int] | None = None,
+                   names: Path | None = None) -> dict:
+    """Write the last run's pseudo labels to the new folder `to`; returns its meta.json."""
     from pipeline.runner import Workdir
 
+    if fmt not in FORMATS:
+        raise InputError(f"unknown export format {fmt!r} (formats: {', '.join(FORMATS)})")
     wd, to = Workdir(Path(workdir)), Path(to)
     if to.exists() and (not to.is_dir() or any(to.iterdir())):
         raise InputError(f"export folder {to} already exists and is not empty; choose another --to")
     state = wd.state()
     entry = wd.latest_entry("pseudo_masks")
+    k = read_json(entry / "manifest.json")["counts"]["classes"] - 1
+    cluster_names = load_names(names, k) if names else {}
+    chosen = check_clusters(clusters, k) if clusters is not None else list(range(k))
     items = read_json(entry / ITEMS)
+    objects_keys = {i["image"]: i["objects_key"] for i in read_json(wd.latest_entry("embed") / ITEMS)}
     images_root = Path(state["images"])
     tmp = to.with_name(f"{to.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
-    ids, reencoded = [], 0
+    ids, reencoded, coco_images, annotations = [], 0, [], []
     try:
-        for item in tqdm(items, desc="export", disable=None, leave=False):
-            image_id = stem_of(item["image"])
+        for item in tqdm(items, desc=f"export {fmt}", disable=None, leave=False):
+            image_id = export_id(item["image"])
             target = tmp / "images" / f"{image_id}.jpg"
             target.parent.mkdir(parents=True, exist_ok=True)
             reencoded += _write_image(images_root / item["image"], target)
-            (tmp / "masks" / image_id).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(entry / item["mask"], tmp / "masks" / f"{image_id}.png")
+            mask = read_label_png(entry / item["mask"])
+            if fmt == "voc":
+                write_label_png(tmp / "masks" / f"{image_id}.png", keep_clusters(mask, chosen, k))
+            else:
+                number = len(coco_images) + 1
+                coco_images.append({"id": number, "file_name": f"{image_id}.jpg", "height": mask.shape[0],
+                                    "width": mask.shape[1]})
+                object_map = load_objects(object_file(wd.store, objects_keys[item["image"]]))[0]
+                annotations += object_annotations(object_map, mask, set(chosen), number, len(annotations) + 1)
             ids.append(image_id)
-        (tmp / "train.txt").write_text("".join(f"{i}\n" for i in ids))
-        classes = read_json(entry / "manifest.json")["counts"]["classes"]
-        meta = {"num_classes": classes, "ignore_index": 255,
-                "classes": ["background"] + [f"cluster_{c}" for c in range(classes - 1)],
+        val = [i for i in ids if in_val(i)]
+        (tmp / "train.txt").write_text("".join(f"{i}\n" for i in ids if not in_val(i)))
+        (tmp / "val.txt").write_text("".join(f"{i}\n" for i in val))
+        if fmt == "coco":
+            categories = [{"id": c + 1, "name": cluster_name(c, cluster_names), "supercategory": "cluster"} for c in chosen]
+            coco = {"info": {"description": "objseg pseudo labels; category id = cluster id + 1"},
+                    "images": coco_images, "annotations": annotations, "categories": categories}
+            (tmp / "annotations.json").write_text(json.dumps(coco))
+        cluster_manifest = read_json(wd.latest_entry("cluster") / "manifest.json")
+        meta = {"format": fmt, "num_classes": k + 1, "ignore_index": IGNORE, "classes": class_names(k, cluster_names),
+                "names": {str(c): n for c, n in sorted(cluster_names.items())}, "clusters": chosen,
+                "cluster_sizes": cluster_manifest["counts"]["cluster_sizes"],
+                "split": {"rule": f"val when int(sha256(id), 16) % 100 < {VAL_PERCENT}",
+                          "train": len(ids) - len(val), "val": len(val)},
                 "images": len(ids), "reencoded_images": reencoded, "source_images": str(images_root),
                 "artifact_keys": state["keys"], "config": state["config"]}
+        if fmt == "coco":
+            meta["annotations"] = len(annotations)
         write_json(tmp / "meta.json", meta)
         if to.exists():
             to.rmdir()  # empty, checked above
@@ -58,6 +100,49 @@ def export_workdir(workdir: Path, to: Path) -> dict:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return meta
+
+
+def export_id(image: str) -> str:
+    """The image's name in the export (its relative path without suffix); never one that leaves the folder."""
+    image_id = stem_of(image)
+    parts = PurePosixPath(image_id).parts
+    if not parts or image_id.startswith("/") or "\\" in image_id or any(p in (".", "..") for p in parts):
+        raise InputError(f"image name {image!r} would be written outside the export folder; rename the photo")
+    return image_id
+
+
+def in_val(image_id: str) -> bool:
+    return int(hashlib.sha256(image_id.encode()).hexdigest(), 16) % 100 < VAL_PERCENT
+
+
+def keep_clusters(mask: np.ndarray, chosen: list[int], k: int) -> np.ndarray:
+    """The mask with every cluster outside `chosen` turned to ignore; background and ignore unchanged."""
+    if len(chosen) == k:
+        return mask
+    keep = np.zeros(256, bool)
+    keep[[0, IGNORE, *(c + 1 for c in chosen)]] = True
+    return np.where(keep[mask], mask, IGNORE).astype(np.uint8)
+
+
+def object_annotations(object_map: np.ndarray, mask: np.ndarray, chosen: set[int], image_number: int,
+                       first_id: int) -> list[dict]:
+    """COCO annotations of one image's objects, each with the cluster its pixels carry in the pseudo mask."""
+    if object_map.shape != mask.shape:
+        raise CacheCorruptError(f"object map {object_map.shape} and pseudo mask {mask.shape} of image {image_number} differ")
+    annotations = []
+    for object_id in range(1, int(object_map[object_map != IGNORE].max(initial=0)) + 1):
+        pixels = object_map == object_id
+        values = np.unique(mask[pixels]).tolist()
+        if len(values) != 1:
+            raise CacheCorruptError(f"object {object_id} of image {image_number} has pseudo labels {values}")
+        if values[0] == IGNORE or values[0] - 1 not in chosen:
+            continue
+        rle = pycocotools.mask.encode(np.asfortranarray(pixels.astype(np.uint8)))
+        annotations.append({"id": first_id + len(annotations), "image_id": image_number, "category_id": int(values[0]),
+                            "segmentation": {"size": rle["size"], "counts": rle["counts"].decode("ascii")},
+                            "area": int(pycocotools.mask.area(rle)),
+                            "bbox": [float(v) for v in pycocotools.mask.toBbox(rle)], "iscrowd": 0})
+    return annotations
 
 
 def _write_image(source: Path, target: Path) -> int:

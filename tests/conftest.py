@@ -41,3 +41,15 @@ def images(shapes_dir, tmp_path) -> Path:
 
 def quiet(*args, **kwargs):
     pass
+
+
+@pytest.fixture(scope="session")
+def finished_run(shapes_dir, tmp_path_factory) -> tuple[Path, Path, dict]:
+    """(workdir, labels folder, stage keys) of one tiny run through train, made once per session:
+    read it, do not write into it (copy it first)."""
+    from pipeline import runner
+
+    root = tmp_path_factory.mktemp("finished")
+    images = shutil.copytree(shapes_dir / "images", root / "images")
+    keys = runner.run(tiny_config(), images, root / "wd", log=quiet)
+    return root / "wd", shapes_dir / "labels", keys

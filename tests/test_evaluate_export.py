@@ -7,12 +7,13 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from pycocotools.coco import COCO
 
 from pipeline import runner
 from pipeline.errors import InputError
 from pipeline.images import write_label_png
 from stages.evaluate import accumulate, evaluate_workdir, scores
-from stages.export import export_workdir
+from stages.export import export_id, export_workdir, in_val
 from tests.conftest import quiet, tiny_config
 
 
@@ -86,25 +87,89 @@ class VOCStyleSegmentation(torch.utils.data.Dataset):
                 Image.open(self.root / "masks" / f"{self.ids[i]}.png"))
 
 
-def test_export_is_a_dataset_a_voc_style_loader_reads(images, tmp_path):
-    keys = runner.run(tiny_config(), images, tmp_path / "wd", log=quiet)
-    meta = export_workdir(tmp_path / "wd", tmp_path / "out")
-    dataset = VOCStyleSegmentation(tmp_path / "out")
-    assert len(dataset) == 10 and meta["num_classes"] == 4 and meta["ignore_index"] == 255
+def _pseudo_masks(workdir, keys) -> dict[str, np.ndarray]:
+    entry = workdir / "cache" / "pseudo_masks" / keys["pseudo_masks"]
+    return {path.stem: np.asarray(Image.open(path)) for path in sorted((entry / "masks").glob("*.png"))}
+
+
+def test_export_is_a_dataset_a_voc_style_loader_reads(finished_run, tmp_path):
+    workdir, _, keys = finished_run
+    meta = export_workdir(workdir, tmp_path / "out")
+    train, val = VOCStyleSegmentation(tmp_path / "out"), VOCStyleSegmentation(tmp_path / "out", "val")
+    assert sorted(train.ids + val.ids) == [f"shape_{i:04d}" for i in range(10)] and not set(train.ids) & set(val.ids)
+    assert meta["split"]["train"] == len(train) and meta["split"]["val"] == len(val)
+    assert [i for i in train.ids + val.ids if in_val(i)] == val.ids  # the documented rule
+    assert meta["format"] == "voc" and meta["num_classes"] == 4 and meta["ignore_index"] == 255 and meta["clusters"] == [0, 1, 2]
     assert meta["artifact_keys"] == keys
-    masks = tmp_path / "wd" / "cache" / "pseudo_masks" / keys["pseudo_masks"] / "masks"
-    for i in range(len(dataset)):
-        image, mask = dataset[i]
-        assert image.size == mask.size and mask.mode == "P"
-        assert np.array_equal(np.asarray(mask), np.asarray(Image.open(masks / f"{dataset.ids[i]}.png")))
-        assert set(np.unique(np.asarray(mask))) <= {0, 1, 2, 3, 255}
-    assert json.loads((tmp_path / "out" / "meta.json").read_text())["classes"][0] == "background"
+    pseudo = _pseudo_masks(workdir, keys)
+    for dataset in (train, val):
+        for i in range(len(dataset)):
+            image, mask = dataset[i]
+            assert image.size == mask.size and mask.mode == "P"
+            assert np.array_equal(np.asarray(mask), pseudo[dataset.ids[i]])
+    assert json.loads((tmp_path / "out" / "meta.json").read_text())["classes"] == ["background", "cluster_0", "cluster_1", "cluster_2"]
 
 
-def test_export_never_overwrites_a_folder(images, tmp_path):
-    runner.run(tiny_config(), images, tmp_path / "wd", log=quiet)
+def test_coco_export_loads_in_pycocotools_and_decodes_to_the_pseudo_masks(finished_run, tmp_path):
+    workdir, _, keys = finished_run
+    names = tmp_path / "names.yaml"
+    names.write_text("1: rings\n")
+    meta = export_workdir(workdir, tmp_path / "out", "coco", names=names)
+    coco = COCO(str(tmp_path / "out" / "annotations.json"))
+    assert [(c["id"], c["name"]) for c in coco.loadCats(coco.getCatIds())] == [(1, "cluster_0"), (2, "rings"), (3, "cluster_2")]
+    assert len(coco.getAnnIds()) == meta["annotations"] > 0 and len(coco.getImgIds()) == 10
+    pseudo = _pseudo_masks(workdir, keys)
+    for image in coco.loadImgs(coco.getImgIds()):
+        assert Image.open(tmp_path / "out" / "images" / image["file_name"]).size == (image["width"], image["height"])
+        expected = pseudo[image["file_name"].removesuffix(".jpg")]
+        annotations = coco.loadAnns(coco.getAnnIds(imgIds=image["id"]))
+        for category in (1, 2, 3):
+            decoded = np.zeros(expected.shape, bool)
+            for annotation in (a for a in annotations if a["category_id"] == category):
+                pixels = coco.annToMask(annotation).astype(bool)
+                assert not (decoded & pixels).any() and annotation["area"] == pixels.sum() and annotation["iscrowd"] == 0
+                ys, xs = np.nonzero(pixels)
+                assert annotation["bbox"] == [xs.min(), ys.min(), xs.max() + 1 - xs.min(), ys.max() + 1 - ys.min()]
+                decoded |= pixels
+            assert np.array_equal(decoded, expected == category), (image["file_name"], category)
+
+
+def test_chosen_clusters_and_names_round_trip_into_meta(finished_run, tmp_path):
+    workdir, _, keys = finished_run
+    names = tmp_path / "names.yaml"
+    names.write_text("0: discs\n2: rings\n")
+    meta = export_workdir(workdir, tmp_path / "voc", "voc", clusters=[2, 0], names=names)
+    saved = json.loads((tmp_path / "voc" / "meta.json").read_text())
+    assert saved["clusters"] == meta["clusters"] == [0, 2] and saved["names"] == {"0": "discs", "2": "rings"}
+    assert saved["classes"] == ["background", "discs", "cluster_1", "rings"]
+    for image_id, pseudo in _pseudo_masks(workdir, keys).items():
+        exported = np.asarray(Image.open(tmp_path / "voc" / "masks" / f"{image_id}.png"))
+        assert np.array_equal(exported, np.where(pseudo == 2, 255, pseudo))  # cluster 1 = mask value 2 -> ignore
+    export_workdir(workdir, tmp_path / "coco", "coco", clusters=[1], names=names)
+    coco = json.loads((tmp_path / "coco" / "annotations.json").read_text())
+    assert [c["id"] for c in coco["categories"]] == [2] and {a["category_id"] for a in coco["annotations"]} == {2}
+    assert json.loads((tmp_path / "coco" / "meta.json").read_text())["clusters"] == [1]
+    with pytest.raises(InputError, match="names.yaml: 5 is not a cluster"):
+        export_workdir(workdir, tmp_path / "bad", names=_write(tmp_path / "names.yaml", "5: sky\n"))
+    assert not (tmp_path / "bad").exists()
+
+
+def _write(path, text):
+    path.write_text(text)
+    return path
+
+
+def test_export_names_stay_inside_the_export_folder():
+    assert export_id("a/b.photo.jpg") == "a/b.photo"
+    for name in ("../x.jpg", "a/../../x.jpg", "/etc/x.jpg", "a\\..\\x.jpg"):
+        with pytest.raises(InputError, match="outside the export folder"):
+            export_id(name)
+
+
+def test_export_never_overwrites_a_folder(finished_run, tmp_path):
     (tmp_path / "out").mkdir()
     (tmp_path / "out" / "mine.txt").write_text("keep me")
     with pytest.raises(InputError, match="not empty"):
-        export_workdir(tmp_path / "wd", tmp_path / "out")
+        export_workdir(finished_run[0], tmp_path / "out")
     assert (tmp_path / "out" / "mine.txt").read_text() == "keep me"
+    assert not list(tmp_path.glob("out.tmp-*"))

@@ -1,0 +1,56 @@
+"""A log file per CLI invocation: `<workdir>/logs/<timestamp>-<command>.log` holds the command line and
+every line the command printed (stdout and stderr), so a run can be looked at after the terminal is gone.
+
+Progress bars are left out: tqdm redraws them with carriage returns, which no printed line contains.
+"""
+from __future__ import annotations
+
+import os
+import shlex
+import sys
+import time
+import traceback
+from pathlib import Path
+from typing import Callable
+
+
+class _Tee:
+    """Writes through to the terminal stream and, except for progress-bar redraws, to the log."""
+
+    def __init__(self, stream, log):
+        self.stream, self.log = stream, log
+
+    def write(self, text: str) -> int:
+        if "\r" not in text:
+            self.log.write(text)
+            self.log.flush()
+        return self.stream.write(text)
+
+    def __getattr__(self, name):  # isatty, flush, encoding, fileno, ...: the terminal's
+        return getattr(self.stream, name)
+
+
+def logged(workdir: Path, command: str, argv: list[str], body: Callable[[], int]) -> int:
+    """Run `body` (a CLI command returning its exit code) with stdout and stderr teed into a new log file."""
+    if os.environ.get("RANK", "0") != "0":  # under torchrun, rank 0 alone writes
+        return body()
+    folder = Path(workdir) / "logs"
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{time.strftime('%Y%m%d-%H%M%S')}-{command}.log"
+    started = time.perf_counter()
+    with open(path, "a", encoding="utf-8") as log:  # "a": two invocations in the same second share a file
+        log.write(f"$ run_pipeline.py {shlex.join(argv)}\n# started {time.strftime('%Y-%m-%dT%H:%M:%S%z')}, pid {os.getpid()}\n")
+        log.flush()
+        stdout, stderr = sys.stdout, sys.stderr
+        sys.stdout, sys.stderr = _Tee(stdout, log), _Tee(stderr, log)
+        code = None
+        try:
+            code = body()
+            return code
+        except Exception as exc:  # a bug, not a user error (those are printed by the CLI): keep its traceback
+            log.write("".join(traceback.format_exception(exc)))
+            raise
+        finally:
+            sys.stdout, sys.stderr = stdout, stderr
+            log.write(f"# exit code {code if code is not None else 'none (uncaught exception)'} after "
+                      f"{time.perf_counter() - started:.1f}s\n")

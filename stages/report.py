@@ -1,0 +1,283 @@
+"""Report: a static HTML view of a finished run, to look at what went together (no server, no script, no CDN).
+
+  index.html          clusters (legend with names, sizes, matched class and purity with --labels, a preview of
+                      each), cluster-size histogram, confusion and per-class IoU after Hungarian matching
+                      (--labels), metrics of earlier `evaluate` runs, training curves, sample images
+                      (photo | saliency | pseudo mask | segmenter | ground truth), and the run itself: config,
+                      artifact keys, counts, timings per stage, skipped files with their reasons
+  clusters/<id>.html  the crops nearest the cluster's centroid and a random sample of the others
+  crops/ overlays/ plots/   JPEG crops and photos, PNG masks and plots, all linked relatively
+  report.json         the numbers shown, for scripts
+Crops are cut again from the photos with the objects stage's boxes, so nothing new is cached. Work is
+capped (SAMPLE_IMAGES photos, NEAREST + RANDOM crops per cluster) so a report takes seconds, not minutes.
+"""
+from __future__ import annotations
+
+import csv
+import dataclasses
+import os
+import shutil
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import cv2
+import numpy as np
+from PIL import Image
+from tqdm import tqdm
+
+from pipeline import plots
+from pipeline.artifacts import MANIFEST, read_json, write_json
+from pipeline.context import ITEMS
+from pipeline.errors import InputError
+from pipeline.images import BadImage, load_rgb, read_label_png, write_label_png
+from pipeline.names import cluster_name, load_names
+from stages import report_html
+from stages.evaluate import SOURCES, entry_confusion, label_files, scores
+from stages.objects import IGNORE, load_objects, object_file
+from stages.saliency import mask_file
+
+SAMPLE_IMAGES = 24  # photos shown with their masks
+NEAREST = 12  # crops nearest the centroid, per cluster
+RANDOM = 12  # crops drawn from the rest of the cluster
+CROP_SIDE = 128  # longest side of a crop, in pixels
+PANEL_SIDE = 240  # longest side of a sample image's panels
+REPORT_JSON = "report.json"  # also marks a folder as a report that may be replaced
+
+
+@dataclasses.dataclass(frozen=True)
+class Crop:
+    row: int  # embedding row = object index of the cluster stage
+    image: str
+    distance: float
+    core: bool
+    file: str | None  # relative to the report; None when the photo cannot be read any more
+
+
+def report_workdir(workdir: Path, out: Path | None = None, labels: Path | None = None, names: Path | None = None) -> Path:
+    """Write the report of the last run in `workdir` to `out` (default `workdir/report`); returns its index.html."""
+    from pipeline.runner import STAGE_NAMES, Workdir
+
+    started = time.perf_counter()
+    wd = Workdir(Path(workdir))
+    state = wd.state()
+    out = Path(out) if out else wd.root / "report"
+    if out.exists() and not (out / REPORT_JSON).is_file() and (not out.is_dir() or any(out.iterdir())):
+        raise InputError(f"{out} exists and is not an earlier report; choose another --out")
+    entries = {stage: wd.latest_entry(stage) for stage in ("saliency", "embed", "cluster", "pseudo_masks")}
+    if "train" in state["keys"]:
+        entries["train"] = wd.latest_entry("train")
+    manifests = {stage: read_json(wd.store.entry(stage, key) / MANIFEST) for stage, key in state["keys"].items()
+                 if wd.store.lookup(stage, key)}
+    k = manifests["cluster"]["params"]["k"]
+    cluster_names = load_names(names, k) if names else {}
+    pseudo_items = read_json(entries["pseudo_masks"] / ITEMS)
+    label_paths = label_files(Path(labels), [i["image"] for i in pseudo_items]) if labels else {}
+
+    tmp = out.with_name(f"{out.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    for folder in ("crops", "overlays", "plots", "clusters"):
+        (tmp / folder).mkdir(parents=True)
+    try:
+        clusters = _clusters(wd, entries, state, k, cluster_names, tmp)
+        against_labels = _against_labels(entries["pseudo_masks"], pseudo_items, label_paths, clusters, tmp) if labels else None
+        overlays = _overlays(wd, entries, pseudo_items, label_paths, state, tmp)
+        train_log = _train_log(entries.get("train"), tmp)
+        plots.cluster_sizes(tmp / "plots" / "cluster_sizes.png", [c["core"] for c in clusters],
+                            [c["objects"] - c["core"] for c in clusters], [c["name"] for c in clusters])
+        data = {"workdir": str(wd.root.resolve()), "images_folder": state["images"], "images": len(pseudo_items),
+                "objects": manifests["cluster"]["counts"]["objects"], "k": k,
+                "names": {str(c): n for c, n in sorted(cluster_names.items())},
+                "clusters": clusters,
+                "labels": str(labels) if labels else None, "against_labels": against_labels,
+                "evaluations": _evaluations(wd, state), "overlays": overlays, "training": train_log is not None,
+                "stages": _stages(state, manifests, STAGE_NAMES), "skipped": _skipped(manifests), "config": state["config"],
+                "created": time.strftime("%Y-%m-%d %H:%M:%S")}
+        for index, cluster in enumerate(clusters):
+            (tmp / "clusters" / f"{cluster['id']}.html").write_text(report_html.cluster_page(data, index))
+        (tmp / "index.html").write_text(report_html.index_page(data))
+        data["seconds"] = round(time.perf_counter() - started, 2)
+        write_json(tmp / REPORT_JSON, data)
+        _replace(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out / "index.html"
+
+
+def _replace(tmp: Path, out: Path) -> None:
+    """Move the finished report into place; an earlier report there (checked by the caller) is removed."""
+    if out.is_dir() and not any(out.iterdir()):
+        out.rmdir()
+    if out.exists():
+        old = out.with_name(f"{out.name}.old-{os.getpid()}")
+        os.rename(out, old)
+        os.rename(tmp, out)
+        shutil.rmtree(old)
+    else:
+        os.rename(tmp, out)
+
+
+def _clusters(wd, entries: dict, state: dict, k: int, names: dict[int, str], tmp: Path) -> list[dict]:
+    """Each cluster's size and crops: the NEAREST to its centroid and RANDOM of the others, written as JPEGs."""
+    assignment = np.load(entries["cluster"] / "assignments.npy")
+    distance = np.load(entries["cluster"] / "distances.npy")
+    core = np.load(entries["cluster"] / "core.npy")
+    rng = np.random.default_rng(state["config"]["seed"])
+    chosen = {}
+    for cluster_id in range(k):
+        members = np.flatnonzero(assignment == cluster_id)
+        by_distance = members[np.argsort(distance[members], kind="stable")]
+        rest = by_distance[NEAREST:]
+        sample = rest[np.sort(rng.choice(len(rest), min(RANDOM, len(rest)), replace=False))]
+        chosen[cluster_id] = (by_distance[:NEAREST], sample)
+    embed_items = read_json(entries["embed"] / ITEMS)
+    with np.load(entries["embed"] / "objects.npz") as rows:
+        image_index, object_id = rows["image_index"], rows["object_id"]
+    wanted = sorted(int(r) for nearest, sample in chosen.values() for r in (*nearest, *sample))
+    files = _write_crops(wd, embed_items, image_index, object_id, wanted, Path(state["images"]), tmp)
+
+    def crops(rows) -> list[dict]:
+        return [dataclasses.asdict(Crop(int(r), embed_items[image_index[r]]["image"], round(float(distance[r]), 4),
+                                        bool(core[r]), files.get(int(r)))) for r in rows]
+
+    clusters = []
+    for cluster_id, (nearest, sample) in chosen.items():
+        members = assignment == cluster_id
+        clusters.append({"id": cluster_id, "value": cluster_id + 1, "name": cluster_name(cluster_id, names),
+                         "named": cluster_id in names, "objects": int(members.sum()), "core": int((members & core).sum()),
+                         "nearest": crops(nearest), "random": crops(sample)})
+    return clusters
+
+
+def _write_crops(wd, embed_items, image_index, object_id, rows: list[int], images_root: Path, tmp: Path) -> dict[int, str]:
+    """{row: crop file} for the rows whose photo can still be read; each photo is decoded once."""
+    by_image = defaultdict(list)
+    for row in rows:
+        by_image[int(image_index[row])].append(row)
+    files = {}
+    for position, image_rows in tqdm(by_image.items(), desc="report crops", disable=None, leave=False, unit="img"):
+        item = embed_items[position]
+        try:
+            rgb = load_rgb(images_root / item["image"])
+        except BadImage:  # changed or removed since the run: the report shows the crop as missing
+            continue
+        boxes = load_objects(object_file(wd.store, item["objects_key"]))[1]
+        for row in image_rows:
+            x0, y0, x1, y1 = boxes[object_id[row] - 1]
+            crop = Image.fromarray(rgb[y0:y1, x0:x1])
+            scale = CROP_SIDE / max(crop.size)  # small objects are enlarged too, so a gallery reads at one size
+            crop = crop.resize((max(1, round(crop.width * scale)), max(1, round(crop.height * scale))), Image.Resampling.LANCZOS)
+            files[row] = f"crops/{row}.jpg"
+            crop.save(tmp / files[row], format="JPEG", quality=85)
+    return files
+
+
+def _against_labels(entry: Path, items: list[dict], label_paths: dict[str, Path], clusters: list[dict], tmp: Path) -> dict:
+    """Hungarian-matched scores of the pseudo masks; each cluster gets its matched class, majority class and
+    purity (the share of its labelled pixels in its majority class); confusion and IoU plots."""
+    confusion, num_predicted, num_classes = entry_confusion(entry, items, label_paths)
+    result = scores(confusion, num_predicted, num_classes)
+    assignment = {int(row): cls for row, cls in result["assignment"].items()}
+    for cluster in clusters:
+        counts = confusion[cluster["value"], :num_classes]
+        majority = int(np.argmax(counts))
+        cluster.update(matched_class=assignment.get(cluster["value"]), majority_class=majority if counts.sum() else None,
+                       purity=round(float(counts[majority] / counts.sum()), 4) if counts.sum() else None)
+    value_names = {0: "background", **{c["value"]: c["name"] for c in clusters}}
+    matched_first = sorted(range(num_predicted), key=lambda v: (v not in assignment, assignment.get(v, 0), v))
+    matrix = np.concatenate([confusion[matched_first, :num_classes], confusion[IGNORE:, :num_classes]]).T
+    plots.confusion(tmp / "plots" / "confusion.png", matrix, [f"class {c}" for c in range(num_classes)],
+                    [value_names[v] for v in matched_first] + ["ignore"])
+    matched_name = {cls: value_names[row] for row, cls in assignment.items()}
+    iou = {int(c): v for c, v in result["hungarian"]["per_class_iou"].items()}
+    plots.class_iou(tmp / "plots" / "class_iou.png", iou,
+                    {c: f"class {c} = {matched_name[c]}" if c in matched_name else f"class {c}" for c in iou})
+    return {"images": sum(i["image"] in label_paths for i in items), "classes": num_classes, **result}
+
+
+def _overlays(wd, entries: dict, items: list[dict], label_paths: dict[str, Path], state: dict, tmp: Path) -> list[dict]:
+    """Up to SAMPLE_IMAGES photos spread over the run, each with its masks as panels of the same size."""
+    saliency = {i["image"]: mask_file(wd.store, i["key"]) for i in read_json(entries["saliency"] / ITEMS)}
+    segmenter = ({i["image"]: entries["train"] / i["mask"] for i in read_json(entries["train"] / ITEMS)}
+                 if "train" in entries else {})
+    picked = np.unique(np.linspace(0, len(items) - 1, min(SAMPLE_IMAGES, len(items))).round().astype(int))
+    rows = []
+    for number, position in enumerate(tqdm(picked, desc="report overlays", disable=None, leave=False, unit="img")):
+        item = items[position]
+        try:
+            rgb = load_rgb(Path(state["images"]) / item["image"])
+        except BadImage:
+            continue
+        height, width = rgb.shape[:2]
+        scale = min(1.0, PANEL_SIDE / max(height, width))
+        size = (max(1, round(width * scale)), max(1, round(height * scale)))
+        row = {"image": item["image"], "width": size[0], "height": size[1],
+               "photo": f"overlays/{number}-photo.jpg"}
+        Image.fromarray(rgb).resize(size, Image.Resampling.LANCZOS).save(tmp / row["photo"], format="JPEG", quality=85)
+        row["saliency"] = _mask_panel(_read_gray(saliency.get(item["image"])), size, tmp, f"overlays/{number}-saliency.png", gray=True)
+        row["pseudo_mask"] = _mask_panel(read_label_png(entries["pseudo_masks"] / item["mask"]), size, tmp,
+                                         f"overlays/{number}-pseudo.png")
+        if segmenter:
+            path = segmenter.get(item["image"])
+            row["segmenter"] = _mask_panel(read_label_png(path) if path else None, size, tmp, f"overlays/{number}-segmenter.png")
+        if label_paths:
+            path = label_paths.get(item["image"])
+            row["ground_truth"] = _mask_panel(read_label_png(path) if path else None, size, tmp, f"overlays/{number}-truth.png")
+        rows.append(row)
+    return rows
+
+
+def _read_gray(path: Path | None) -> np.ndarray | None:
+    return cv2.imread(str(path), cv2.IMREAD_GRAYSCALE) if path else None
+
+
+def _mask_panel(mask: np.ndarray | None, size: tuple[int, int], tmp: Path, name: str, gray: bool = False) -> str | None:
+    """A mask resized (nearest) to the panel size: palette PNG of ids, or gray PNG for saliency; None if absent."""
+    if mask is None:
+        return None
+    small = cv2.resize(mask, size, interpolation=cv2.INTER_NEAREST)
+    if gray:
+        Image.fromarray(small).save(tmp / name, format="PNG")  # 2-D uint8: 8-bit gray
+    else:
+        write_label_png(tmp / name, small)
+    return name
+
+
+def _train_log(entry: Path | None, tmp: Path) -> list[dict] | None:
+    """The segmenter's train_log.csv rows, plotted; None when the run has not trained."""
+    if entry is None or not (entry / "train_log.csv").is_file():
+        return None
+    with open(entry / "train_log.csv", newline="") as f:
+        log = list(csv.DictReader(f))
+    if log:
+        plots.training_curves(tmp / "plots" / "training.png", log)
+    return log or None
+
+
+def _evaluations(wd, state: dict) -> list[dict]:
+    """Metrics that `evaluate` wrote, each marked with whether it is of the last run's entry."""
+    found = []
+    for source, stage in SOURCES.items():
+        path = wd.root / "evaluation" / source / "metrics.json"
+        if path.is_file():
+            metrics = read_json(path)
+            found.append({"source": source, "current": metrics.get("entry") == state["keys"].get(stage),
+                          "miou": metrics.get("miou"), "pixel_accuracy": metrics.get("hungarian", {}).get("pixel_accuracy"),
+                          "majority_miou": metrics.get("majority", {}).get("miou"),
+                          "saliency_iou": metrics.get("saliency_foreground", {}).get("iou"),
+                          "images": metrics.get("images_evaluated"), "file": str(path)})
+    return found
+
+
+def _stages(state: dict, manifests: dict, order: tuple[str, ...]) -> list[dict]:
+    rows = []
+    for stage in (s for s in order if s in state["keys"]):
+        key, manifest = state["keys"][stage], manifests.get(stage, {})
+        rows.append({"stage": stage, "key": key, "seconds": manifest.get("seconds"), "finished": manifest.get("finished"),
+                     "counts": {k: v for k, v in manifest.get("counts", {}).items() if not isinstance(v, (list, dict))},
+                     "skipped": len(manifest.get("skipped", []))})
+    return rows
+
+
+def _skipped(manifests: dict) -> list[dict]:
+    return [{"stage": stage, **skip} for stage, manifest in manifests.items() for skip in manifest.get("skipped", [])]

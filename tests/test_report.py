@@ -1,0 +1,172 @@
+"""The HTML report of a finished run, cluster names, the run log, and the report in a real browser."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from html.parser import HTMLParser
+from pathlib import Path
+
+import pytest
+
+import run_pipeline
+from pipeline.errors import InputError
+from pipeline.names import check_clusters, load_names, parse_clusters
+from stages.report import NEAREST, report_workdir
+
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync"]
+
+
+class _Links(HTMLParser):
+    def __init__(self):
+        super().__init__()
+        self.links = []
+
+    def handle_starttag(self, tag, attrs):
+        self.links += [value for name, value in attrs if name in ("src", "href")]
+
+
+def _links(page: Path) -> list[str]:
+    parser = _Links()
+    parser.feed(page.read_text())
+    return parser.links
+
+
+def _names(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "names.yaml"
+    path.write_text(text)
+    return path
+
+
+def test_report_shows_clusters_names_labels_and_the_run(finished_run, tmp_path):
+    workdir, labels, keys = finished_run
+    names = _names(tmp_path, "0: discs\n2: <b>rings</b> & co\n")
+    index = report_workdir(workdir, tmp_path / "report", labels, names)
+    report = index.parent
+    data = json.loads((report / "report.json").read_text())
+    clusters = data["clusters"]
+    assert [c["name"] for c in clusters] == ["discs", "cluster_1", "<b>rings</b> & co"]
+    assert data["names"] == {"0": "discs", "2": "<b>rings</b> & co"}
+    manifest = json.loads((workdir / "cache" / "cluster" / keys["cluster"] / "manifest.json").read_text())
+    assert [c["objects"] for c in clusters] == manifest["counts"]["cluster_sizes"]
+    assert sum(c["core"] for c in clusters) == manifest["counts"]["core_objects"]
+    for cluster in clusters:
+        distances = [x["distance"] for x in cluster["nearest"]]
+        assert distances == sorted(distances) and len(distances) == min(NEAREST, cluster["objects"])
+        assert len(cluster["nearest"]) + len(cluster["random"]) == cluster["objects"]  # tiny clusters: every object shown
+        assert 0 < cluster["purity"] <= 1 and cluster["majority_class"] in range(5)
+    matched = [c["matched_class"] for c in clusters if c["matched_class"] is not None]
+    assert len(set(matched)) == len(matched)  # Hungarian: one class per id
+    assert data["against_labels"]["hungarian"]["miou"] > 0 and data["training"]
+    assert [s["stage"] for s in data["stages"]] == list(keys)
+    assert {"photo", "saliency", "pseudo_mask", "segmenter", "ground_truth"} <= set(data["overlays"][0])
+    for plot in ("cluster_sizes", "confusion", "class_iou", "training"):
+        assert (report / "plots" / f"{plot}.png").stat().st_size > 0
+    pages = [index, *(report / "clusters" / f"{c['id']}.html" for c in clusters)]
+    for page in pages:  # every link is relative and its file is in the report
+        for link in _links(page):
+            target = (page.parent / link.split("#")[0]).resolve()
+            assert "://" not in link and target.is_relative_to(report.resolve()) and target.exists(), (page, link)
+    html = index.read_text()
+    assert "discs" in html and "&lt;b&gt;rings&lt;/b&gt; &amp; co" in html and "<b>rings" not in html
+    assert "<script" not in html and "discs" in (report / "clusters" / "0.html").read_text()
+    for key in keys.values():
+        assert key in html
+
+
+def test_report_without_labels_lists_skipped_files_and_replaces_an_earlier_report(finished_run, tmp_path):
+    workdir = Path(shutil.copytree(finished_run[0], tmp_path / "wd"))
+    manifest_path = workdir / "cache" / "saliency" / finished_run[2]["saliency"] / "manifest.json"
+    manifest = json.loads(manifest_path.read_text())
+    manifest["skipped"] = [{"image": "broken<1>.jpg", "reason": "empty file (0 bytes)"}]
+    manifest_path.write_text(json.dumps(manifest))
+    out = tmp_path / "report"
+    report_workdir(workdir, out)
+    assert "broken&lt;1&gt;.jpg</td><td>empty file (0 bytes)" in (out / "index.html").read_text()
+    (out / "stale.txt").write_text("from the first report")
+    report_workdir(workdir, out)
+    data = json.loads((out / "report.json").read_text())
+    assert data["against_labels"] is None and "purity" not in data["clusters"][0]
+    assert not (out / "stale.txt").exists() and not (out / "plots" / "confusion.png").exists()
+    assert not list(tmp_path.glob("report.*"))  # no temporary folder left
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("keep me")
+    with pytest.raises(InputError, match="not an earlier report"):
+        report_workdir(workdir, tmp_path / "mine")
+    assert (tmp_path / "mine" / "notes.txt").read_text() == "keep me"
+
+
+@pytest.mark.parametrize("text, error", [
+    ("- discs\n- rings\n", "must map cluster ids to names"),
+    ("7: discs\n", "7 is not a cluster of this run"),
+    ("0: 5\n", "name of cluster 0 must be a non-empty string"),
+    ("0: discs\n1: discs\n", "clusters 0 and 1 have the same name 'discs'"),
+    ("0: discs\n'0': rings\n", "cluster 0 is named twice"),
+    ("true: discs\n", "True is not a cluster id"),
+    ("0: [discs\n", "not valid YAML"),
+])
+def test_bad_names_files_are_errors_naming_the_file(tmp_path, text, error):
+    with pytest.raises(InputError, match=f"names.yaml.*{error}"):
+        load_names(_names(tmp_path, text), k=3)
+
+
+def test_names_and_cluster_choices():
+    assert parse_clusters("2, 0,2") == [2, 0, 2] and check_clusters([2, 0, 2], 3) == [0, 2]
+    with pytest.raises(InputError, match="e.g. 3,7"):
+        parse_clusters("2,x")
+    with pytest.raises(InputError, match="--clusters: 3 is not a cluster"):
+        check_clusters([3], 3)
+
+
+def test_cli_report_and_a_log_file_per_invocation(finished_run, tmp_path, capsys):
+    workdir = Path(shutil.copytree(finished_run[0], tmp_path / "wd"))
+    assert run_pipeline.main(["report", "--workdir", str(workdir), "--labels", str(finished_run[1])]) == 0
+    assert (workdir / "report" / "index.html").is_file()
+    assert run_pipeline.main(["export", "--workdir", str(workdir), "--to", str(tmp_path / "out"), "--clusters", "9"]) == 2
+    assert "--clusters: 9 is not a cluster" in capsys.readouterr().err
+    [report_log], [export_log] = (workdir / "logs").glob("*-report.log"), (workdir / "logs").glob("*-export.log")
+    text = report_log.read_text()
+    assert text.startswith(f"$ run_pipeline.py report --workdir {workdir}") and "report written" in text and "exit code 0" in text
+    assert "--clusters: 9 is not a cluster" in export_log.read_text() and "exit code 2" in export_log.read_text()
+    assert run_pipeline.main(["status", "--workdir", str(tmp_path / "typo")]) == 2
+    assert not (tmp_path / "typo").exists()  # no log folder made for a workdir that is not there
+
+
+def _browser():
+    """Playwright driving Debian's chromium, or a skip saying what is missing."""
+    sync_api = pytest.importorskip("playwright.sync_api", reason="the browser test needs `pip install playwright`")
+    if not CHROMIUM.is_file():
+        pytest.skip(f"no {CHROMIUM} (apt-get install chromium)")
+    return sync_api.sync_playwright
+
+
+def test_report_renders_in_a_browser_without_broken_images_or_errors(request, tmp_path):
+    """Set OBJSEG_REPORT=WD/report to check an existing report, OBJSEG_SCREENSHOTS=DIR to keep the screenshots."""
+    sync_playwright = _browser()
+    if os.environ.get("OBJSEG_REPORT"):
+        report = Path(os.environ["OBJSEG_REPORT"]).resolve()
+    else:  # the tiny run is made only now, not when the test is skipped or checks a given report
+        workdir, labels, _ = request.getfixturevalue("finished_run")
+        report = report_workdir(workdir, tmp_path / "report", labels).parent
+    shots = Path(os.environ.get("OBJSEG_SCREENSHOTS", tmp_path / "screenshots"))
+    shots.mkdir(parents=True, exist_ok=True)
+    cluster = sorted(report.glob("clusters/*.html"), key=lambda p: int(p.stem))[0]
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page(viewport={"width": 1280, "height": 900})
+            errors = []
+            page.on("console", lambda message: errors.append(message.text) if message.type == "error" else None)
+            page.on("pageerror", lambda error: errors.append(str(error)))
+            for html, shot in ((report / "index.html", "index.png"), (cluster, "cluster.png")):
+                page.goto(html.as_uri(), wait_until="load")
+                images = page.evaluate("[...document.images].map(i => [i.getAttribute('src'), i.complete, i.naturalWidth])")
+                broken = [src for src, complete, width in images if not complete or width == 0]
+                assert images and not broken, f"{html}: broken images {broken[:5]}"
+                page.screenshot(path=str(shots / shot), full_page=True)
+            assert not errors, errors
+        finally:
+            browser.close()
+    assert all((shots / s).stat().st_size > 0 for s in ("index.png", "cluster.png"))
