@@ -51,5 +51,6 @@ def finished_run(shapes_dir, tmp_path_factory) -> tuple[Path, Path, dict]:
 
     root = tmp_path_factory.mktemp("finished")
     images = shutil.copytree(shapes_dir / "images", root / "images")
+    (images / "broken<1>.jpg").write_bytes(b"")  # so the run has a skipped file to report
     keys = runner.run(tiny_config(), images, root / "wd", log=quiet)
     return root / "wd", shapes_dir / "labels", keys

@@ -99,18 +99,24 @@ def _pseudo_entry(images, workdir):
     return workdir / "cache" / "pseudo_masks" / keys["pseudo_masks"]
 
 
-def test_a_missing_pseudo_mask_stops_training_before_it_starts(images, tmp_path):
+def test_a_missing_pseudo_mask_is_reported_and_recomputed_before_training(images, tmp_path, capfd):
     entry = _pseudo_entry(images, tmp_path / "wd")
     (entry / "masks" / "shape_0004.png").unlink()
-    with pytest.raises(InputError, match="shape_0004.png: missing or unreadable pseudo mask"):
-        _train(images, tmp_path / "wd")
+    _train(images, tmp_path / "wd")
+    assert "masks/shape_0004.png: missing" in capfd.readouterr().err
+    assert (entry / "masks" / "shape_0004.png").is_file()
 
 
-def test_a_pseudo_mask_of_the_wrong_size_is_named(images, tmp_path):
+def test_training_pairs_are_checked_before_training_and_the_bad_file_is_named(images, tmp_path):
     entry = _pseudo_entry(images, tmp_path / "wd")
-    write_label_png(entry / "masks" / "shape_0002.png", np.zeros((10, 20), np.uint8))
+    masks = [entry / "masks" / f"shape_{i:04d}.png" for i in range(3)]
+    pictures = [images / f"shape_{i:04d}.jpg" for i in range(3)]
+    write_label_png(masks[2], np.zeros((10, 20), np.uint8))
     with pytest.raises(InputError, match=r"shape_0002.png is 20x10 but its image .*shape_0002.jpg is 160x120"):
-        _train(images, tmp_path / "wd")
+        stages.train._check_pairs(pictures, masks)
+    masks[1].unlink()
+    with pytest.raises(InputError, match="shape_0001.png: missing or unreadable pseudo mask"):
+        stages.train._check_pairs(pictures, masks)
 
 
 def test_predict_segments_unseen_images_and_resumes(shapes_dir, images, tmp_path):
@@ -181,7 +187,7 @@ def test_a_global_batch_that_does_not_split_over_the_processes_is_refused(images
     monkeypatch.setenv("WORLD_SIZE", "3")
     with pytest.raises(ConfigError, match="train.batch_size=4 does not split over 3 processes"):
         _train(images, tmp_path / "wd")
-    assert not (tmp_path / "wd").exists()
+    assert not (tmp_path / "wd" / "cache").exists()  # refused before any work
 
 
 @pytest.mark.slow
