@@ -100,18 +100,19 @@ def run(cfg: Config, images_dir: str | Path, workdir: str | Path, start: str | N
     too, so the workdir stays consistent). Upstream stages come from the cache (computed if missing)."""
     if start is not None and start not in STAGE_NAMES:
         raise ConfigError(f"unknown stage {start!r} (stages: {', '.join(STAGE_NAMES)})")
-    # Under torchrun every process runs this; rank 0 holds the lock for all of them.
-    with workdir_lock(workdir) if int(os.environ.get("RANK", "0")) == 0 else contextlib.nullcontext():
-        return _run(cfg, images_dir, workdir, start, only, log)
-
-
-def _run(cfg: Config, images_dir, workdir, start: str | None, only: bool, log) -> dict[str, str]:
-    until = start if only else STAGE_NAMES[-1]
-    device = resolve_device(cfg.device)
     images, left_out = scan_images(images_dir, cfg.hash_content)
     problems = [e for e in left_out if is_image_problem(e)]
     if cfg.strict and problems:
         raise InputError(f"{problems[0]['image']}: {problems[0]['reason']} (strict mode stops at the first bad image)")
+    # Under torchrun every process runs this; rank 0 holds the lock for all of them.
+    with workdir_lock(workdir) if int(os.environ.get("RANK", "0")) == 0 else contextlib.nullcontext():
+        return _run(cfg, images, left_out, images_dir, workdir, start, only, log)
+
+
+def _run(cfg: Config, images: list[ImageRecord], left_out: list[dict], images_dir, workdir, start: str | None,
+         only: bool, log) -> dict[str, str]:
+    until = start if only else STAGE_NAMES[-1]
+    device = resolve_device(cfg.device)
     set_pixel_limit(cfg.max_pixels)
     wd = Workdir(Path(workdir))
     store = wd.store
