@@ -50,6 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("--labels", help="ground-truth label PNGs: adds matched classes, purity, confusion and IoU plots")
     report.add_argument("--names", help="names.yaml mapping cluster id -> name, shown in the legend and galleries")
     report.add_argument("--out", help="report folder (replaced if it holds an earlier report) [WORKDIR/report]")
+    report.add_argument("--clusters", help="show only these cluster ids, e.g. 3,7 (as with export --clusters)")
     evaluate = commands.add_parser("evaluate", help="Hungarian-matched mIoU against ground-truth label PNGs")
     evaluate.add_argument("--workdir", default=DEFAULT_WORKDIR)
     evaluate.add_argument("--labels", required=True, help="folder of label PNGs named like the images")
@@ -80,6 +81,12 @@ def _config(args):
     if args.hash_content:
         overrides.append("hash_content=true")
     return load_config(args.config, overrides)
+
+
+def _chosen_clusters(args) -> list[int] | None:
+    from pipeline.names import parse_clusters
+
+    return parse_clusters(args.clusters) if args.clusters is not None else None
 
 
 def main(argv=None) -> int:
@@ -114,17 +121,15 @@ def _command(args) -> int:
                 when = f"{row['seconds']:8.1f}s  {row['finished']}" if row["seconds"] is not None else ""
                 print(f"{row['stage']:<13} {row['status']:<8} {row['key'][:12]}  {size}  {when}")
         elif args.command == "export":
-            from pipeline.names import parse_clusters
             from stages.export import export_workdir
 
-            clusters = parse_clusters(args.clusters) if args.clusters is not None else None
-            meta = export_workdir(args.workdir, args.to, args.format, clusters, args.names)
+            meta = export_workdir(args.workdir, args.to, args.format, _chosen_clusters(args), args.names)
             print(f"exported {meta['images']} images ({meta['split']['train']} train, {meta['split']['val']} val), "
                   f"clusters {','.join(map(str, meta['clusters']))}, as {args.format} to {args.to}")
         elif args.command == "report":
             from stages.report import report_workdir
 
-            index = report_workdir(args.workdir, args.out, args.labels, args.names)
+            index = report_workdir(args.workdir, args.out, args.labels, args.names, _chosen_clusters(args))
             print(f"report written: {index}")
         elif args.command == "evaluate":
             from stages.evaluate import evaluate_workdir

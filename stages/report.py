@@ -31,7 +31,7 @@ from pipeline.artifacts import MANIFEST, read_json, write_json
 from pipeline.context import ITEMS
 from pipeline.errors import InputError
 from pipeline.images import BadImage, load_rgb, read_label_png, write_label_png
-from pipeline.names import cluster_name, load_names
+from pipeline.names import check_clusters, cluster_name, load_names
 from stages import report_html
 from stages.evaluate import SOURCES, entry_confusion, label_files, scores
 from stages.objects import IGNORE, load_objects, object_file
@@ -54,8 +54,10 @@ class Crop:
     file: str | None  # relative to the report; None when the photo cannot be read any more
 
 
-def report_workdir(workdir: Path, out: Path | None = None, labels: Path | None = None, names: Path | None = None) -> Path:
-    """Write the report of the last run in `workdir` to `out` (default `workdir/report`); returns its index.html."""
+def report_workdir(workdir: Path, out: Path | None = None, labels: Path | None = None, names: Path | None = None,
+                   clusters: list[int] | None = None) -> Path:
+    """Write the report of the last run in `workdir` to `out` (default `workdir/report`); returns its index.html.
+    With `clusters`, only those clusters are shown (as with `export --clusters`)."""
     from pipeline.runner import STAGE_NAMES, Workdir
 
     started = time.perf_counter()
@@ -71,6 +73,8 @@ def report_workdir(workdir: Path, out: Path | None = None, labels: Path | None =
                  if wd.store.lookup(stage, key)}
     k = manifests["cluster"]["params"]["k"]
     cluster_names = load_names(names, k) if names else {}
+    selection = check_clusters(clusters, k) if clusters is not None else None
+    shown = selection or list(range(k))
     pseudo_items = read_json(entries["pseudo_masks"] / ITEMS)
     label_paths = label_files(Path(labels), [i["image"] for i in pseudo_items]) if labels else {}
 
@@ -79,7 +83,7 @@ def report_workdir(workdir: Path, out: Path | None = None, labels: Path | None =
     for folder in ("crops", "overlays", "plots", "clusters"):
         (tmp / folder).mkdir(parents=True)
     try:
-        clusters = _clusters(wd, entries, state, k, cluster_names, tmp)
+        clusters = _clusters(wd, entries, state, shown, cluster_names, tmp)
         against_labels = _against_labels(entries["pseudo_masks"], pseudo_items, label_paths, clusters, tmp) if labels else None
         overlays = _overlays(wd, entries, pseudo_items, label_paths, state, tmp)
         train_log = _train_log(entries.get("train"), tmp)
@@ -88,7 +92,7 @@ def report_workdir(workdir: Path, out: Path | None = None, labels: Path | None =
         data = {"workdir": str(wd.root.resolve()), "images_folder": state["images"], "images": len(pseudo_items),
                 "objects": manifests["cluster"]["counts"]["objects"], "k": k,
                 "names": {str(c): n for c, n in sorted(cluster_names.items())},
-                "clusters": clusters,
+                "clusters": clusters, "selection": selection,
                 "labels": str(labels) if labels else None, "against_labels": against_labels,
                 "evaluations": _evaluations(wd, state), "overlays": overlays, "training": train_log is not None,
                 "stages": _stages(state, manifests, STAGE_NAMES), "skipped": _skipped(manifests), "config": state["config"],
@@ -117,14 +121,14 @@ def _replace(tmp: Path, out: Path) -> None:
         os.rename(tmp, out)
 
 
-def _clusters(wd, entries: dict, state: dict, k: int, names: dict[int, str], tmp: Path) -> list[dict]:
+def _clusters(wd, entries: dict, state: dict, shown: list[int], names: dict[int, str], tmp: Path) -> list[dict]:
     """Each cluster's size and crops: the NEAREST to its centroid and RANDOM of the others, written as JPEGs."""
     assignment = np.load(entries["cluster"] / "assignments.npy")
     distance = np.load(entries["cluster"] / "distances.npy")
     core = np.load(entries["cluster"] / "core.npy")
     rng = np.random.default_rng(state["config"]["seed"])
     chosen = {}
-    for cluster_id in range(k):
+    for cluster_id in shown:
         members = np.flatnonzero(assignment == cluster_id)
         by_distance = members[np.argsort(distance[members], kind="stable")]
         rest = by_distance[NEAREST:]

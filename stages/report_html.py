@@ -111,6 +111,7 @@ def index_page(data: dict) -> str:
     body = ["<h1>objseg report</h1>",
             f"<p>{data['images']} images in <code>{escape(data['images_folder'])}</code>, {data['objects']} objects, "
             f"{data['k']} clusters; workdir <code>{escape(data['workdir'])}</code>; made {escape(data['created'])}.</p>",
+            f"<p>Showing the chosen clusters {', '.join(map(str, data['selection']))} only.</p>" if data["selection"] else "",
             "<nav>" + "".join(f'<a href="#{anchor}">{title}</a>' for anchor, title in sections) + "</nav>",
             _clusters_section(data), _labels_section(data), _evaluation_section(data), _training_section(data),
             _samples_section(data), _run_section(data)]

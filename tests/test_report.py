@@ -166,3 +166,17 @@ def test_report_renders_in_a_browser_without_broken_images_or_errors(request, tm
         finally:
             browser.close()
     assert all((shots / s).stat().st_size > 0 for s in ("index.png", "cluster.png"))
+
+
+def test_chosen_clusters_and_names_round_trip_into_the_report_from_the_cli(finished_run, tmp_path):
+    workdir = finished_run[0]
+    names = _names(tmp_path, "0: discs\n2: rings\n")
+    out = tmp_path / "chosen"
+    assert run_pipeline.main(["report", "--workdir", str(workdir), "--out", str(out), "--names", str(names),
+                              "--clusters", "2,0"]) == 0
+    data = json.loads((out / "report.json").read_text())
+    assert data["selection"] == [0, 2] and [c["id"] for c in data["clusters"]] == [0, 2]
+    assert [c["name"] for c in data["clusters"]] == ["discs", "rings"]
+    assert sorted(p.name for p in (out / "clusters").iterdir()) == ["0.html", "2.html"]
+    assert "Showing the chosen clusters 0, 2 only" in (out / "index.html").read_text()
+    assert run_pipeline.main(["report", "--workdir", str(workdir), "--out", str(out), "--clusters", "9"]) == 2
