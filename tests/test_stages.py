@@ -10,7 +10,7 @@ from PIL import Image
 from pipeline import runner
 from pipeline.artifacts import read_json
 from pipeline.errors import InputError
-from stages import cluster, objects
+from stages import cluster, objects, saliency
 from stages.saliency import fiedler_foreground
 from tests.conftest import quiet, tiny_config
 
@@ -66,7 +66,7 @@ def test_folder_saliency_missing_masks_fail_before_any_work(images, tmp_path):
 
 
 def test_onnx_saliency_runs_a_model_with_the_configured_preprocessing(images, tmp_path):
-    onnx = pytest.importorskip("onnx")
+    import onnx
     from onnx import TensorProto, helper
 
     # A "model" whose foreground is where the normalised red channel is high: output = sigmoid(20 * red).
@@ -94,6 +94,34 @@ def test_onnx_saliency_runs_a_model_with_the_configured_preprocessing(images, tm
     assert mask.shape == (120, 160)
     inside, outside = mask[35:85, 45:115], np.concatenate([mask[:25].ravel(), mask[95:].ravel()])
     assert (inside == 255).all() and (outside == 0).all()  # mean 0.5: red 255 -> +0.5 -> fg; 0 -> -0.5 -> bg
+
+
+def test_a_float16_onnx_model_runs_in_float32_on_the_cpu_with_the_same_output(tmp_path):
+    import onnx
+    import onnxruntime
+    from onnx import TensorProto, helper, numpy_helper
+
+    # input (float32) -> Cast to float16 -> Mul by a float16 weight -> Add a float16 Constant -> Sigmoid -> Cast back
+    weight = numpy_helper.from_array(np.full((1, 3, 1, 1), 0.7, np.float16), "weight")
+    graph = helper.make_graph(
+        [helper.make_node("Cast", ["input"], ["half"], to=TensorProto.FLOAT16),
+         helper.make_node("Mul", ["half", "weight"], ["scaled"]),
+         helper.make_node("Constant", [], ["bias"], value=numpy_helper.from_array(np.array(-0.25, np.float16))),
+         helper.make_node("Add", ["scaled", "bias"], ["logit"]),
+         helper.make_node("Sigmoid", ["logit"], ["prob"]),
+         helper.make_node("Cast", ["prob"], ["output"], to=TensorProto.FLOAT)],
+        "half", [helper.make_tensor_value_info("input", TensorProto.FLOAT, [1, 3, 8, 8])],
+        [helper.make_tensor_value_info("output", TensorProto.FLOAT, [1, 3, 8, 8])], [weight])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 15)])
+    model.ir_version = 8
+    onnx.save(model, tmp_path / "half.onnx")
+    widened = onnx.load_from_string(saliency.float32_model(str(tmp_path / "half.onnx")))
+    assert all(t.data_type == TensorProto.FLOAT for t in widened.graph.initializer)
+    assert all(a.i == TensorProto.FLOAT for n in widened.graph.node if n.op_type == "Cast" for a in n.attribute)
+    x = np.random.default_rng(0).normal(size=(1, 3, 8, 8)).astype(np.float32)
+    outputs = [onnxruntime.InferenceSession(m, providers=["CPUExecutionProvider"]).run(None, {"input": x})[0]
+               for m in (str(tmp_path / "half.onnx"), saliency.float32_model(str(tmp_path / "half.onnx")))]
+    assert np.abs(outputs[0] - outputs[1]).max() < 2e-3  # float16 rounding only
 
 
 def test_objects_are_components_with_margins_and_small_ones_ignored():
