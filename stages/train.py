@@ -2,8 +2,8 @@
 
 Round 1 learns the pseudo masks (CrossEntropy, ignore 255) with Adam and DeepLab's poly learning-rate
 decay, random rescaling (0.5-2x), crop and flip applied to image and mask alike. The loss weighs each
-class by its pixel frequency to the power -`balance`, so that small clusters are not drowned by the
-background. Each later round learns the previous round's predictions over the training images, which
+cluster by its pixel frequency among object pixels to the power -`balance`, so that small clusters are
+not drowned by large ones; background keeps weight 1. Each later round learns the previous round's predictions over the training images, which
 fill in objects the saliency stage missed (COMUS's self-training); it starts from the previous round's
 weights rather than from scratch, so that a CPU-sized schedule refines the model instead of re-learning
 it. Checkpoints go to a work folder that survives a kill, so an interrupted `train` resumes at its last
@@ -35,7 +35,8 @@ from pipeline.errors import ConfigError, InputError
 from pipeline.images import BadImage, load_rgb, read_label_png, stem_of, write_label_png
 from pipeline.segmenter import Segmenter, load_checkpoint, save_checkpoint, set_rng_state
 
-VERSION = 3  # 2: MobileNetV2 dilated to output stride 16; 3: 320-channel MobileNetV2 head, poly lr, class balance, warm rounds, flip TTA
+VERSION = 4  # 2: MobileNetV2 dilated to output stride 16; 3: 320-channel MobileNetV2 head, poly lr, class balance,
+# warm rounds, flip TTA; 4: background keeps weight 1 in the class balance
 IGNORE = 255
 
 
@@ -47,7 +48,7 @@ class Params:
     epochs: int = 10  # per round
     batch_size: int = 8  # global: split over the processes under torchrun
     lr: float = 6e-5  # initial; decays as (1 - epoch / epochs) ** 0.9 (DeepLab's poly schedule)
-    balance: float = 0.5  # class weight = pixel frequency ** -balance in the round's targets; 0 = plain CrossEntropy
+    balance: float = 0.5  # cluster weight = its pixel frequency ** -balance among object pixels; 0 = plain CrossEntropy
     weight_decay: float = 0.0
     crop_size: int = 512
     base_size: int = 520  # short side is rescaled to a random size in [0.5, 2] x base_size; predictions use base_size
@@ -241,15 +242,19 @@ def _train_round(ctx, params, round_index, images, targets, num_classes, work, r
 
 
 def class_weights(targets: list[Path], num_classes: int, balance: float, ctx: Context) -> torch.Tensor:
-    """Per-class loss weights, pixel frequency ** -balance, scaled so that the average pixel weighs 1;
-    classes absent from the targets get 0."""
+    """Per-class loss weights that balance the clusters among themselves: cluster c weighs its pixel
+    frequency ** -balance, scaled so that the average object pixel weighs 1, as a background pixel does.
+    Background keeps weight 1 so that where objects end stays the saliency stage's call (weighting it by
+    frequency too made round-1 predictions spill objects over a quarter of the background on VOC).
+    Clusters absent from the targets get 0."""
     counts = torch.zeros(num_classes, dtype=torch.float64)
     for path in ctx.progress(targets, "class frequencies"):
         labels = torch.from_numpy(read_label_png(path)).flatten().long()
         counts += torch.bincount(labels[labels < num_classes], minlength=num_classes).double()
-    frequency = counts / counts.sum().clamp(min=1)
-    weights = torch.where(frequency > 0, frequency.clamp(min=1e-12) ** -balance, torch.zeros_like(frequency))
-    return (weights / (weights * frequency).sum().clamp(min=1e-12)).float()
+    objects = counts[1:] / counts[1:].sum().clamp(min=1)
+    weights = torch.where(objects > 0, objects.clamp(min=1e-12) ** -balance, torch.zeros_like(objects))
+    weights = weights / (weights * objects).sum().clamp(min=1e-12)
+    return torch.cat([torch.ones(1, dtype=torch.float64), weights]).float()
 
 
 def _predict_all(ctx, params, checkpoint, images, names, folder: Path, rank: int, world: int) -> list[Path]:

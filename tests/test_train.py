@@ -217,3 +217,17 @@ def test_kill_9_during_training_then_run_again_resumes_and_matches(shapes_dir, i
     assert subprocess.run([*cli, *args, "--workdir", str(tmp_path / "clean")], cwd=ROOT).returncode == 0
     scores = [evaluate_workdir(tmp_path / d, shapes_dir / "labels", source="segmenter")["miou"] for d in ("wd", "clean")]
     assert abs(scores[0] - scores[1]) <= 0.01
+
+
+def test_class_weights_balance_the_clusters_and_leave_background_at_one(tmp_path):
+    masks = []
+    for i, counts in enumerate([(60, 36, 4), (100, 0, 0)]):  # background, cluster 1, cluster 2 pixels per mask
+        labels = np.concatenate([np.full(n, value, np.uint8) for value, n in enumerate(counts)] + [np.full(10, 255, np.uint8)])
+        write_label_png(tmp_path / f"{i}.png", labels.reshape(1, -1))
+        masks.append(tmp_path / f"{i}.png")
+    ctx = type("Ctx", (), {"progress": staticmethod(lambda items, desc: items)})()
+    weights = stages.train.class_weights(masks, 4, 0.5, ctx)
+    assert weights[0] == 1 and weights[3] == 0  # background as is; cluster 3 never occurs
+    assert weights[2] / weights[1] == pytest.approx(3.0)  # (36 / 4) ** 0.5
+    assert (weights[1] * 36 + weights[2] * 4) / 40 == pytest.approx(1.0)  # an average object pixel weighs 1
+    assert torch.equal(stages.train.class_weights(masks, 4, 0.0, ctx)[:3], torch.ones(3))
