@@ -43,7 +43,7 @@ def main() -> int:
             log = run_with_kills(tmp / "data" / "images", workdir, overrides,
                                  random_kills(seed, args.per_stage, args.max_delay))
             hits = [e for e in log if e["hit"]]
-            landed.update((e["stage"], e["signal"]) for e in hits)
+            landed.update((e["landed_in"], e["signal"]) for e in hits)
             same = artifacts(workdir) == expected
             miou = segmenter_miou(workdir, tmp / "data" / "labels")
             ok = same and abs(miou - expected_miou) <= 0.02

@@ -21,30 +21,44 @@ def command(images: Path, workdir: Path, overrides: tuple[str, ...]) -> list[str
     return [sys.executable, str(ROOT / "run_pipeline.py"), "run", "--images", str(images), "--workdir", str(workdir), *overrides]
 
 
-def _stage_started(workdir: Path, stage: str) -> bool:
-    """The stage is writing its entry (the store's `<key>.tmp-<pid>` folder exists)."""
+def _writing(workdir: Path, pid: int) -> str | None:
+    """The stage process `pid` is writing (its `<key>.tmp-<pid>` entry folder exists), if any. Folders
+    left by processes killed earlier have other pids, so they do not count."""
+    for stage in STAGES:
+        folder = workdir / "cache" / stage
+        if folder.is_dir() and any(folder.glob(f"*.tmp-{pid}")):
+            return stage
+    return None
+
+
+def _finished(workdir: Path, stage: str) -> bool:
     folder = workdir / "cache" / stage
-    return folder.is_dir() and any(".tmp-" in p.name for p in folder.iterdir())
+    return folder.is_dir() and any((p / "manifest.json").is_file() for p in folder.iterdir() if "." not in p.name)
 
 
 def run_with_kills(images: Path, workdir: Path, overrides: tuple[str, ...], kills: list[tuple[str, float, int]],
                    timeout: float = 300) -> list[dict]:
-    """For each (stage, delay, signal): start the run, wait until that stage has started, wait `delay` seconds
-    more, send the signal to the whole process group; then run once more to the end. Returns what happened."""
+    """For each (stage, delay, signal) whose stage is not finished yet: start the run, wait until it writes
+    that stage, wait `delay` seconds more, send the signal to the whole process group; then run once more
+    to the end. Returns what happened, with the stage each kill landed in."""
     log = []
     for stage, delay, signum in kills:
+        if _finished(workdir, stage):  # an earlier kill landed after it
+            continue
         process = subprocess.Popen(command(images, workdir, overrides), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                    text=True, start_new_session=True)
         deadline = time.monotonic() + timeout
-        while not _stage_started(workdir, stage) and process.poll() is None and time.monotonic() < deadline:
-            time.sleep(0.005)
+        while _writing(workdir, process.pid) != stage and process.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.002)
         time.sleep(delay)
-        hit = process.poll() is None
-        if hit:
+        landed = _writing(workdir, process.pid)
+        if process.poll() is None:
             os.killpg(process.pid, signum)
         out, err = process.communicate(timeout=timeout)
-        log.append({"stage": stage, "delay": round(delay, 3), "signal": signal.Signals(signum).name, "hit": hit,
-                    "returncode": process.returncode, "stderr": err[-400:]})
+        hit = process.returncode in (-signal.SIGKILL, 130)
+        log.append({"stage": stage, "landed_in": landed if hit else None, "delay": round(delay, 3),
+                    "signal": signal.Signals(signum).name, "hit": hit, "returncode": process.returncode,
+                    "stderr": err[-400:]})
     finished = subprocess.run(command(images, workdir, overrides), capture_output=True, text=True, timeout=timeout)
     if finished.returncode:
         raise RuntimeError(f"the run after the kills failed:\n{finished.stderr[-2000:]}")

@@ -16,9 +16,9 @@ OVERRIDES = (*TINY, "train.epochs=3")
 def test_a_kill_in_every_stage_then_a_restart_gives_the_uninterrupted_result(shapes_dir, tmp_path):
     images = shutil.copytree(shapes_dir / "images", tmp_path / "images")
     run_with_kills(images, tmp_path / "reference", OVERRIDES, kills=[])
-    kills = random_kills(seed=0, per_stage=1, max_delay=0.3, sigint_every=3)
+    kills = random_kills(seed=0, per_stage=1, max_delay=0.02, sigint_every=3)  # short: cluster takes ~0.1 s
     log = run_with_kills(images, tmp_path / "killed", OVERRIDES, kills)
-    assert sum(entry["hit"] for entry in log) >= len(STAGES) - 1  # a kill can miss only a stage that ends first
+    assert {entry["landed_in"] for entry in log} == set(STAGES)  # at least one kill inside every stage
     for entry in log:
         if entry["hit"] and entry["signal"] == "SIGINT":  # Ctrl-C: a clean exit that says how to resume
             assert entry["returncode"] == 130 and "run the same command again to resume" in entry["stderr"]
