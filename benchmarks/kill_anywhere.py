@@ -50,6 +50,9 @@ def main() -> int:
             failures += not ok
             print(f"seed {seed}: {len(hits)}/{len(log)} kills landed, bytes identical: {same}, segmenter mIoU "
                   f"{miou:.4f} vs {expected_miou:.4f} uninterrupted, {time.perf_counter() - started:.0f}s", flush=True)
+            for e in log:
+                print(f"  planned in {e['stage']:<12} +{e['delay']:.3f}s  {e['signal']:<7} landed in {e['landed_in']}"
+                      f"  exit {e['returncode']}", flush=True)
     print(f"total kills landed: {sum(landed.values())}; by stage and signal: {dict(sorted(landed.items()))}")
     print("PASS" if not failures else f"FAIL: {failures} of {args.seeds} seeds differ")
     return int(bool(failures))
