@@ -21,6 +21,12 @@ def command(images: Path, workdir: Path, overrides: tuple[str, ...]) -> list[str
     return [sys.executable, str(ROOT / "run_pipeline.py"), "run", "--images", str(images), "--workdir", str(workdir), *overrides]
 
 
+def _default_sigint() -> None:
+    """A shell starts background jobs (CI's, nohup's) with SIGINT ignored, and children inherit that; the
+    run must see Ctrl-C as a terminal would deliver it."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def _writing(workdir: Path, pid: int) -> str | None:
     """The stage process `pid` is writing (its `<key>.tmp-<pid>` entry folder exists), if any. Folders
     left by processes killed earlier have other pids, so they do not count."""
@@ -46,7 +52,7 @@ def run_with_kills(images: Path, workdir: Path, overrides: tuple[str, ...], kill
         if _finished(workdir, stage):  # an earlier kill landed after it
             continue
         process = subprocess.Popen(command(images, workdir, overrides), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                   text=True, start_new_session=True)
+                                   text=True, start_new_session=True, preexec_fn=_default_sigint)
         deadline = time.monotonic() + timeout
         while _writing(workdir, process.pid) != stage and process.poll() is None and time.monotonic() < deadline:
             time.sleep(0.002)
