@@ -110,22 +110,29 @@ def test_a_clean_entry_verifies(finished):
 
 
 def test_a_second_writer_on_the_same_workdir_is_refused_and_a_dead_holders_lock_is_taken_over(tmp_path):
+    # The holder forks a child that outlives it, as DataLoader workers do when their parent is killed.
     holder = subprocess.Popen([sys.executable, "-c", (
-        "import sys, time; sys.path.insert(0, sys.argv[1]); from pipeline.lock import workdir_lock\n"
-        "with workdir_lock(sys.argv[2]):\n    print('locked', flush=True); time.sleep(60)"), str(ROOT), str(tmp_path)],
+        "import os, sys, time; sys.path.insert(0, sys.argv[1]); from pipeline.lock import workdir_lock\n"
+        "with workdir_lock(sys.argv[2]):\n"
+        "    child = os.fork()\n"
+        "    if child == 0:\n        time.sleep(60); os._exit(0)\n"
+        "    print(child, flush=True); time.sleep(60)"), str(ROOT), str(tmp_path)],
         stdout=subprocess.PIPE, text=True)
+    child = None
     try:
-        assert holder.stdout.readline().strip() == "locked"
+        child = int(holder.stdout.readline())
         with pytest.raises(WorkdirBusyError, match=rf"{tmp_path} is in use by pid {holder.pid} "):
             with workdir_lock(tmp_path):
                 pass
         os.kill(holder.pid, signal.SIGKILL)
         holder.wait()
+        with workdir_lock(tmp_path):  # the dead holder's lock is taken over while its child lives on
+            assert f"pid {os.getpid()}" in (tmp_path / "lock").read_text()
+        assert (tmp_path / "lock").read_text() == ""
     finally:
         holder.kill()
-    with workdir_lock(tmp_path):  # the dead holder's lock is taken over
-        assert f"pid {os.getpid()}" in (tmp_path / "lock").read_text()
-    assert (tmp_path / "lock").read_text() == ""
+        if child:
+            os.kill(child, signal.SIGKILL)
 
 
 def test_the_runner_holds_the_workdir_lock(images, tmp_path):
