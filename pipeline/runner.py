@@ -22,6 +22,7 @@ from pipeline.artifacts import ArtifactStore, read_json, stable_hash, write_json
 from pipeline.config import Config
 from pipeline.context import Context
 from pipeline.errors import ConfigError, InputError, StorageError
+from pipeline.heap import fix_mmap_threshold
 from pipeline.images import ImageRecord, dataset_fingerprint, is_image_problem, scan_images, set_pixel_limit
 from pipeline.lock import workdir_lock
 from stages import cluster, embed, objects, pseudo_masks, saliency, train
@@ -104,6 +105,7 @@ def run(cfg: Config, images_dir: str | Path, workdir: str | Path, start: str | N
     problems = [e for e in left_out if is_image_problem(e)]
     if cfg.strict and problems:
         raise InputError(f"{problems[0]['image']}: {problems[0]['reason']} (strict mode stops at the first bad image)")
+    fix_mmap_threshold()
     # Under torchrun every process runs this; rank 0 holds the lock for all of them.
     with workdir_lock(workdir) if int(os.environ.get("RANK", "0")) == 0 else contextlib.nullcontext():
         return _run(cfg, images, left_out, images_dir, workdir, start, only, log)
