@@ -67,10 +67,6 @@ def _self_checksum(manifest: dict) -> str:
     return stable_hash({k: v for k, v in manifest.items() if k != "checksum"})
 
 
-def _file_record(path: Path) -> list:
-    return [path.stat().st_size, file_sha256(path)]
-
-
 def read_json(path: Path):
     try:
         return json.loads(Path(path).read_text())
@@ -104,6 +100,9 @@ def _pid_alive(pid: int) -> bool:
 class ArtifactStore:
     def __init__(self, root: str | Path):
         self.root = Path(root)
+        # sha256 by (path, inode, size, mtime): entries of one stage share their per-image results, and
+        # verifying the older entries, then recording the results in the new one, must hash each file once
+        self._digests: dict[tuple, str] = {}
 
     def entry(self, stage: str, key: str) -> Path:
         return self.root / stage / key
@@ -148,9 +147,19 @@ class ArtifactStore:
                     problems[name] = "missing"
                 elif file.stat().st_size != size:
                     problems[name] = f"{file.stat().st_size} bytes, not {size}"
-                elif file_sha256(file) != digest:
+                elif self._sha256(file) != digest:
                     problems[name] = "content changed (sha256)"
         return problems
+
+    def _file_record(self, path: Path) -> list:
+        return [path.stat().st_size, self._sha256(path)]
+
+    def _sha256(self, file: Path) -> str:
+        stat = file.stat()
+        identity = (str(file), stat.st_ino, stat.st_size, stat.st_mtime_ns)
+        if identity not in self._digests:
+            self._digests[identity] = file_sha256(file)
+        return self._digests[identity]
 
     def manifest(self, stage: str, key: str) -> dict:
         return read_json(self.entry(stage, key) / MANIFEST)
@@ -181,9 +190,9 @@ class ArtifactStore:
         stage_folder = self.root / stage
         manifest = {**manifest, "stage": stage, "key": key, "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
                     "versions": software_versions(),
-                    "files": {p.relative_to(tmp).as_posix(): _file_record(p)
+                    "files": {p.relative_to(tmp).as_posix(): self._file_record(p)
                               for p in sorted(tmp.rglob("*")) if p.is_file() and p.name != MANIFEST},
-                    "uses": {Path(p).relative_to(stage_folder).as_posix(): _file_record(Path(p)) for p in sorted(set(uses))}}
+                    "uses": {Path(p).relative_to(stage_folder).as_posix(): self._file_record(Path(p)) for p in sorted(set(uses))}}
         manifest["checksum"] = _self_checksum(manifest)
         write_json(tmp / MANIFEST, manifest)
         final = self.entry(stage, key)

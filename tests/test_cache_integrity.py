@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -13,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pipeline import runner
+from pipeline import artifacts, runner
 from pipeline.artifacts import ArtifactStore, read_json
 from pipeline.errors import StorageError
 from pipeline.lock import WorkdirBusyError, workdir_lock
@@ -100,6 +101,20 @@ def test_a_changed_pseudo_mask_of_the_same_size_is_caught_by_its_checksum(images
     assert store.verify("pseudo_masks", keys["pseudo_masks"]) == {f"masks/{mask.name}": "content changed (sha256)"}
     assert store.lookup("pseudo_masks", keys["pseudo_masks"]) is None
     assert not store.entry("pseudo_masks", keys["pseudo_masks"]).exists()
+
+
+def test_older_entries_sharing_per_image_results_hash_each_file_once(images, finished, monkeypatch):
+    workdir, keys, _ = finished
+    shutil.copy(images / sorted(os.listdir(images))[0], images / "added.jpg")
+    _run(images, workdir)  # a second entry per stage, sharing the first's per-image results
+    (images / "added.jpg").unlink()
+    shutil.copy(images / sorted(os.listdir(images))[1], images / "added_too.jpg")
+    hashed = []
+    real_sha256 = artifacts.file_sha256
+    monkeypatch.setattr(artifacts, "file_sha256", lambda path: hashed.append(str(path)) or real_sha256(path))
+    _run(images, workdir)  # before reusing per-image results, both older entries of each stage are verified
+    items = [name for name in hashed if "/items/" in name]
+    assert len(items) >= 2 * 10 and len(items) == len(set(items))  # 10 images' masks and objects at least
 
 
 def test_a_clean_entry_verifies(finished):
