@@ -15,7 +15,6 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torchvision.models.segmentation.deeplabv3 import DeepLabHead
 
 from pipeline.artifacts import atomic_write
 from pipeline.backbones import IMAGENET_MEAN, IMAGENET_STD, BackboneParams, build_trunk
@@ -27,6 +26,8 @@ CHANNELS = {"resnet": 2048, "mobilenet_v2": 320}
 
 class Segmenter(nn.Module):
     def __init__(self, backbone: BackboneParams, num_classes: int):
+        from torchvision.models.segmentation.deeplabv3 import DeepLabHead  # imported late, as in pipeline.backbones
+
         super().__init__()
         self.trunk, self.family = build_trunk(backbone, dilated=True, section="train")
         if self.family == "mobilenet_v2":

@@ -25,8 +25,6 @@ import torch
 import torch.distributed as dist
 from PIL import Image
 from torch import nn
-from torchvision import tv_tensors
-from torchvision.transforms import v2
 
 from pipeline.artifacts import atomic_write, read_json
 from pipeline.backbones import IMAGENET_MEAN, IMAGENET_STD, BackboneName, BackboneParams, resolve_weights
@@ -141,8 +139,13 @@ class PseudoLabelled(torch.utils.data.Dataset):
     """(image, target) pairs, augmented with a generator seeded by (seed, round, epoch, index)."""
 
     def __init__(self, images, targets, params: Params, seed: int, round_index: int):
+        # torchvision is imported when training starts: it pulls in torch._dynamo, seconds a cached rerun does not need
+        from torchvision import tv_tensors
+        from torchvision.transforms import v2
+
         self.images, self.targets, self.seed, self.round = images, targets, seed, round_index
         self.epoch = 0
+        self.image_type, self.mask_type = tv_tensors.Image, tv_tensors.Mask
         self.transform = v2.Compose([
             v2.RandomResize(params.base_size // 2, params.base_size * 2),
             v2.RandomCrop(params.crop_size, pad_if_needed=True, fill={tv_tensors.Image: 0, tv_tensors.Mask: IGNORE}),
@@ -159,8 +162,8 @@ class PseudoLabelled(torch.utils.data.Dataset):
             rgb = load_rgb(self.images[index])
         except BadImage as exc:
             raise InputError(f"{self.images[index]}: {exc}") from None
-        image = tv_tensors.Image(torch.from_numpy(rgb).permute(2, 0, 1))
-        mask = tv_tensors.Mask(torch.from_numpy(read_label_png(self.targets[index])))
+        image = self.image_type(torch.from_numpy(rgb).permute(2, 0, 1))
+        mask = self.mask_type(torch.from_numpy(read_label_png(self.targets[index])))
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(hash((self.seed, self.round, self.epoch, index)) & 0x7FFFFFFF)
             image, mask = self.transform(image, mask)
