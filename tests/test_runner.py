@@ -191,3 +191,16 @@ def test_kill_during_embed_resumes_without_recomputing_finished_shards(shapes_di
     resumed = np.load(tmp_path / "wd" / "cache" / "embed" / state["keys"]["embed"] / "embeddings.npy")
     uninterrupted = np.load(tmp_path / "fresh" / "cache" / "embed" / fresh["keys"]["embed"] / "embeddings.npy")
     assert resumed.shape == (40, 1280) and np.array_equal(resumed, uninterrupted)
+
+
+def test_a_cached_rerun_imports_no_model_library(finished_run, tmp_path):
+    # torchvision (it pulls in torch._dynamo) and timm cost seconds of a rerun that builds no model
+    workdir, _, _ = finished_run
+    shutil.copytree(workdir, tmp_path / "wd")
+    images = read_json(workdir / "state.json")["images"]
+    code = ("import sys; sys.path.insert(0, sys.argv[1]); import run_pipeline\n"
+            "rc = run_pipeline.main(['run', '--images', sys.argv[2], '--workdir', sys.argv[3], *sys.argv[4:]])\n"
+            "print(rc, sorted(m for m in ('torchvision', 'timm') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code, str(ROOT), images, str(tmp_path / "wd"), *TINY],
+                         capture_output=True, text=True, check=True).stdout
+    assert "computed" not in out and out.strip().splitlines()[-1] == "0 []"
