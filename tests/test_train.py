@@ -31,8 +31,12 @@ def _log(workdir, keys):
         return [{k: float(v) for k, v in row.items()} for row in csv.DictReader(f)]
 
 
-def test_training_lowers_the_loss_and_self_training_adds_a_round(images, tmp_path):
+def test_training_lowers_the_loss_and_self_training_adds_a_round(images, tmp_path, monkeypatch):
+    balanced = []
+    real_class_weights = stages.train.class_weights
+    monkeypatch.setattr(stages.train, "class_weights", lambda targets, *args: balanced.append(targets) or real_class_weights(targets, *args))
     keys = _train(images, tmp_path / "wd", "train.epochs=8", "train.rounds=2")
+    assert len(balanced) == 1 and "pseudo_masks" in str(balanced[0][0])  # round 1 only, on the pseudo masks
     log = _log(tmp_path / "wd", keys)
     assert [(r["round"], r["epoch"]) for r in log] == [(1, e) for e in range(1, 9)] + [(2, e) for e in range(1, 9)]
     first_round = [r["loss"] for r in log if r["round"] == 1]
