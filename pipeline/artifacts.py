@@ -82,8 +82,9 @@ def save_npy(path: Path, array: np.ndarray) -> Path:
 
 
 def software_versions() -> dict:
-    import faiss
     import torch
+
+    from pipeline.faiss_runtime import faiss
     return {"python": platform.python_version(), "numpy": np.__version__, "torch": torch.__version__, "faiss": faiss.__version__}
 
 

@@ -9,11 +9,11 @@ from __future__ import annotations
 import dataclasses
 import time
 
-import faiss
 import numpy as np
 
 from pipeline.context import Context
 from pipeline.errors import ConfigError, InputError
+from pipeline.faiss_runtime import faiss
 
 VERSION = 1
 
