@@ -160,6 +160,8 @@ def test_section_that_is_not_a_mapping(tmp_path):
     ("cluster.core_fraction=1.5", "cluster.core_fraction"),
     ("cluster.core_fraction=0", "cluster.core_fraction"),
     ("cluster.k=0", "cluster.k"),
+    ("cluster.method=dbscan", "cluster.method"),
+    ("cluster.neighbours=1", "cluster.neighbours"),
     ("objects.min_area=-1", "objects.min_area"),
     ("objects.crop_size=8", "objects.crop_size"),
     ("objects.max_objects=255", "objects.max_objects"),

@@ -173,18 +173,44 @@ def _blobs(n_per: int, centers: np.ndarray, seed: int = 0) -> np.ndarray:
     return points / np.linalg.norm(points, axis=1, keepdims=True)
 
 
-def test_kmeans_is_seeded_respects_k_and_finds_separated_clusters():
+@pytest.mark.parametrize("method", cluster.METHODS)
+def test_clustering_is_seeded_respects_k_and_finds_separated_clusters(method):
     centers = np.eye(8, 16, dtype=np.float32)[:5]
     vectors = _blobs(40, centers)
-    params = cluster.Params(k=5, niter=30, nredo=3)
-    c1, a1, d1 = cluster.spherical_kmeans(vectors, params, seed=0)
-    c2, a2, d2 = cluster.spherical_kmeans(vectors, params, seed=0)
+    params = cluster.Params(k=5, niter=30, nredo=3, method=method, neighbours=10)
+    c1, a1, d1 = cluster.METHODS[method](vectors, params, seed=0)
+    c2, a2, d2 = cluster.METHODS[method](vectors, params, seed=0)
     assert np.array_equal(a1, a2) and np.array_equal(c1, c2) and np.array_equal(d1, d2)
     assert c1.shape == (5, 16) and set(a1.tolist()) == set(range(5))
     for blob in range(5):  # each true blob lands in one cluster
         assert len(set(a1[blob * 40:(blob + 1) * 40].tolist())) == 1
     np.testing.assert_allclose(np.linalg.norm(c1, axis=1), 1.0, atol=1e-5)
     np.testing.assert_allclose(d1, 1 - np.sum(vectors * c1[a1], axis=1), atol=1e-5)
+
+
+def test_spectral_clustering_follows_rings_that_kmeans_cuts_across():
+    # two parallel rings of latitude +-0.15 rad on a sphere: each point's 30 nearest neighbours lie on
+    # its own ring, but the most compact split into 2 (what k-means seeks) halves the sphere by longitude
+    longitude = np.random.default_rng(0).uniform(0, 2 * np.pi, 1200)
+    latitude = np.repeat([0.15, -0.15], 600)
+    vectors = np.stack([np.cos(latitude) * np.cos(longitude), np.cos(latitude) * np.sin(longitude),
+                        np.sin(latitude)], axis=1).astype(np.float32)
+    ring = np.repeat([0, 1], 600)
+
+    def purity(assignment):
+        return sum(np.bincount(ring[assignment == c]).max() for c in np.unique(assignment)) / len(ring)
+
+    spectral = cluster.spectral(vectors, cluster.Params(k=2, method="spectral"), seed=0)[1]
+    kmeans = cluster.spherical_kmeans(vectors, cluster.Params(k=2), seed=0)[1]
+    assert purity(spectral) == 1.0 and purity(kmeans) < 0.7
+
+
+def test_cluster_keys_of_kmeans_runs_hold_no_spectral_settings():
+    kmeans, spectral = tiny_config(), tiny_config("cluster.method=spectral")
+    assert "method" not in cluster.key_params(kmeans) and "neighbours" not in cluster.key_params(kmeans)
+    assert cluster.key_params(tiny_config("cluster.neighbours=10")) == cluster.key_params(kmeans)
+    assert cluster.key_params(spectral)["method"] == "spectral"
+    assert cluster.key_params(tiny_config("cluster.method=spectral", "cluster.neighbours=10")) != cluster.key_params(spectral)
 
 
 def test_core_filtering_keeps_the_nearest_fraction_of_each_cluster():
@@ -196,8 +222,9 @@ def test_core_filtering_keeps_the_nearest_fraction_of_each_cluster():
     assert cluster.core_mask(assignment, distance, 3, 1.0).all()
 
 
-def test_pseudo_masks_paint_clusters_and_ignore(images, tmp_path):
-    keys = _run(images, tmp_path / "wd", "cluster.core_fraction=0.5")
+@pytest.mark.parametrize("method", cluster.METHODS)
+def test_pseudo_masks_paint_clusters_and_ignore(images, tmp_path, method):
+    keys = _run(images, tmp_path / "wd", "cluster.core_fraction=0.5", f"cluster.method={method}")
     entry = _entry(tmp_path / "wd", "pseudo_masks", keys)
     core = np.load(_entry(tmp_path / "wd", "cluster", keys) / "core.npy")
     values, modes = set(), set()
