@@ -3,6 +3,7 @@ the tonylins MobileNetV2 layout), never-silently-random, and the CLI's message w
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import re
@@ -16,7 +17,7 @@ import torch
 import torchvision
 from PIL import Image
 
-from pipeline.backbones import SPECS, BackboneParams, build_backbone, hub_checkpoint_dir, load_state_dict
+from pipeline.backbones import RANDOM, SPECS, BackboneParams, build_backbone, hub_checkpoint_dir, load_state_dict
 from pipeline.errors import ConfigError, WeightsMismatchError, WeightsNotFoundError
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
@@ -164,6 +165,17 @@ def test_vit_output_is_the_cls_token_of_imagenet_normalised_input():
     with torch.inference_mode():
         expected = backbone.trunk.forward_features((images.float() / 255 - mean) / std)[:, 0]
         torch.testing.assert_close(backbone(images), expected, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["mobilenet_v2", "resnet50"])
+def test_channels_last_cnn_trunks_give_the_vectors_of_the_default_layout(name, empty_torch_home):
+    backbone = build_backbone(BackboneParams(name, RANDOM))
+    plain = copy.deepcopy(backbone)
+    plain.trunk.to(memory_format=torch.contiguous_format)
+    plain._normalize = lambda images: (images.float() - plain.mean) / plain.std
+    images = torch.randint(0, 256, (2, 3, 96, 96), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    assert backbone._normalize(images).is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(backbone(images), plain(images), rtol=1e-4, atol=1e-4)
 
 
 def test_backbone_is_frozen():
