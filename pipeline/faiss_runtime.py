@@ -2,7 +2,7 @@
 
 faiss's k-means runs many short parallel regions. By default a waiting OpenMP thread spins; when another
 process holds a core (a shared server, a CI runner), every region then waits for the descheduled thread:
-k-means was 10-16x slower on a busy 2-core machine (`benchmarks/omp_wait_policy.py`). torch's long
+k-means was 5-16x slower on a busy 2-core machine, depending on the run (`benchmarks/omp_wait_policy.py`). torch's long
 regions are 9-13% faster spinning, so only faiss's runtime should sleep. faiss's wheel ships its own
 libgomp, which reads OMP_WAIT_POLICY once, when it loads; but faiss uses that runtime only when it loads
 before torch: torch puts its libgomp in the process's global symbol scope, and a faiss loaded later binds

@@ -122,8 +122,9 @@ def kmeans_plus_plus(points: np.ndarray, params: Params, seed: int) -> np.ndarra
                               max_points_per_centroid=params.max_points_per_centroid, min_points_per_centroid=1)
         kmeans.train(points, init_centroids=kmeans_plusplus(points, params.k, random_state=seed + restart)[0])
         squared_distance, nearest = kmeans.index.search(points, 1)
-        if squared_distance.sum() < best_inertia:
-            best_inertia, best = squared_distance.sum(), nearest[:, 0].astype(np.int32)
+        inertia = squared_distance.sum()
+        if inertia < best_inertia:
+            best_inertia, best = inertia, nearest[:, 0].astype(np.int32)
     return best
 
 
