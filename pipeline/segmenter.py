@@ -20,7 +20,7 @@ from pipeline.artifacts import atomic_write
 from pipeline.backbones import IMAGENET_MEAN, IMAGENET_STD, BackboneParams, build_trunk
 from pipeline.errors import InputError
 
-FORMAT = "objseg.segmenter/2"  # 2: MobileNetV2 heads read 320 channels
+FORMAT = "objseg.segmenter/3"  # 2: MobileNetV2 heads read 320 channels; 3: predict_size replaces base_size
 CHANNELS = {"resnet": 2048, "mobilenet_v2": 320}
 
 

@@ -44,7 +44,7 @@ def predict_folder(checkpoint: Path, images_dir: Path, out: Path, device, worker
             tqdm.write(f"skipped {record.rel}: {reason}")
             skipped.append({"image": record.rel, "reason": reason})
             continue
-        labels = model.predict(rgb, payload["base_size"])
+        labels = model.predict(rgb, payload["predict_size"])
         overlay = out / "overlays" / f"{record.stem}.jpg"
         overlay.parent.mkdir(parents=True, exist_ok=True)
         Image.fromarray(blend(rgb, labels)).save(overlay, quality=90)

@@ -32,17 +32,29 @@ def _log(workdir, keys):
 
 
 def test_training_lowers_the_loss_and_self_training_adds_a_round(images, tmp_path, monkeypatch):
-    balanced = []
+    balanced, initial = [], []
     real_class_weights = stages.train.class_weights
     monkeypatch.setattr(stages.train, "class_weights", lambda targets, *args: balanced.append(targets) or real_class_weights(targets, *args))
+
+    class AdamNotingWhereItStarts(torch.optim.Adam):
+        def step(self, *args, **kwargs):
+            if not hasattr(self, "started"):
+                self.started = initial.append([p.detach().clone() for g in self.param_groups for p in g["params"]])
+            return super().step(*args, **kwargs)
+
+    monkeypatch.setattr(torch.optim, "Adam", AdamNotingWhereItStarts)
     keys = _train(images, tmp_path / "wd", "train.epochs=8", "train.rounds=2")
     assert len(balanced) == 1 and "pseudo_masks" in str(balanced[0][0])  # round 1 only, on the pseudo masks
+    torch.manual_seed(tiny_config().seed + 2)  # round 2 starts from a new network, not from round 1's
+    fresh = Segmenter(BackboneParams("vit_tiny_random"), 4).parameters()
+    assert len(initial) == 2 and all(torch.equal(a, b) for a, b in zip(initial[1], fresh, strict=True))
     log = _log(tmp_path / "wd", keys)
     assert [(r["round"], r["epoch"]) for r in log] == [(1, e) for e in range(1, 9)] + [(2, e) for e in range(1, 9)]
     first_round = [r["loss"] for r in log if r["round"] == 1]
     assert first_round[-1] < first_round[0] * 0.8
     entry = tmp_path / "wd" / "cache" / "train" / keys["train"]
     assert {p.name for p in entry.iterdir()} >= {"latest.pt", "best.pt", "masks", "items.json", "train_log.csv"}
+    assert load_checkpoint(entry / "latest.pt")["predict_size"] == 80  # the mean of the rescale range, 32-128
     assert not (tmp_path / "wd" / "cache" / "train" / f"{keys['train']}.work").exists()
     with Image.open(entry / "masks" / "shape_0000.png") as mask:
         assert mask.size == (160, 120) and set(np.unique(np.asarray(mask))) <= {0, 1, 2, 3}
@@ -51,7 +63,7 @@ def test_training_lowers_the_loss_and_self_training_adds_a_round(images, tmp_pat
 def test_checkpoint_round_trip_gives_the_same_predictions(tmp_path):
     model = Segmenter(BackboneParams("vit_tiny_random"), 4).eval()
     save_checkpoint(tmp_path / "c.pt", model, {"backbone": {"name": "vit_tiny_random", "weights": ""}, "num_classes": 4,
-                                              "base_size": 64})
+                                              "predict_size": 64})
     loaded, payload = segmenter_from_checkpoint(tmp_path / "c.pt", torch.device("cpu"))
     x = torch.randn(2, 3, 64, 48)
     with torch.inference_mode():
