@@ -9,8 +9,8 @@ images, which fill in objects the saliency stage missed: every round is the same
 Predictions are made at the mean scale of training (`predict_size`). Checkpoints go to a work folder that
 survives a kill, so an interrupted `train` resumes at its last epoch. Under `torchrun`, DDP with a
 DistributedSampler splits each global batch over the processes (gloo on CPU, nccl and SyncBatchNorm on
-GPU); rank 0 alone writes. Augmentations are seeded per (seed,
-round, epoch, image), so the data a step sees does not depend on the number of processes or workers.
+GPU); rank 0 alone writes. Augmentations are seeded per (seed, round, epoch, image), so the data a step
+sees does not depend on the number of processes or workers.
 """
 from __future__ import annotations
 
@@ -36,8 +36,9 @@ from pipeline.segmenter import Segmenter, load_checkpoint, save_checkpoint, set_
 
 VERSION = 8  # 2: MobileNetV2 dilated to output stride 16; 3: 320-channel MobileNetV2 head, poly lr, class balance,
 # warm rounds, flip TTA; 4: background keeps weight 1 in the class balance; 5: class balance in round 1 only;
-# 6: every round starts from the initial trunk weights, not from the previous round's network; 7: predictions at the training crops'
-# mean scale (predict_size), not at base_size; 8: every round balanced on its own targets
+# 6: every round starts from the initial trunk weights, not from the previous round's network;
+# 7: predictions at the training crops' mean scale (predict_size), not at base_size;
+# 8: every round balanced on its own targets
 IGNORE = 255
 
 
@@ -64,12 +65,17 @@ class Params:
             raise ConfigError(f"balance must be in [0, 1], got {self.balance}")
 
     @property
+    def rescale_range(self) -> tuple[int, int]:
+        """Training rescales each image's short side to a random size in this range."""
+        return self.base_size // 2, self.base_size * 2
+
+    @property
     def predict_size(self) -> int:
         """The short side predictions are made at: the mean of the training rescale range, the scale the network
         saw on average. At base_size itself, objects look smaller than in training on average, and the model
         spread them into the background (VOC round 2: 68.8% background predicted at 320, 70.5% at 400, its
         targets 73.5%)."""
-        return (self.base_size // 2 + self.base_size * 2) // 2
+        return sum(self.rescale_range) // 2
 
 
 def key_params(cfg) -> dict:
@@ -158,7 +164,7 @@ class PseudoLabelled(torch.utils.data.Dataset):
         self.epoch = 0
         self.image_type, self.mask_type = tv_tensors.Image, tv_tensors.Mask
         self.transform = v2.Compose([
-            v2.RandomResize(params.base_size // 2, params.base_size * 2),
+            v2.RandomResize(*params.rescale_range),
             v2.RandomCrop(params.crop_size, pad_if_needed=True, fill={tv_tensors.Image: 0, tv_tensors.Mask: IGNORE}),
             v2.RandomHorizontalFlip(),
             v2.ToDtype({tv_tensors.Image: torch.float32, tv_tensors.Mask: torch.int64, "others": None}, scale=True),

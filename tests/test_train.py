@@ -38,13 +38,13 @@ def test_training_lowers_the_loss_and_self_training_adds_a_round(images, tmp_pat
 
     class AdamNotingWhereItStarts(torch.optim.Adam):
         def step(self, *args, **kwargs):
-            if not hasattr(self, "started"):
-                self.started = initial.append([p.detach().clone() for g in self.param_groups for p in g["params"]])
+            if not self.state:  # no step taken yet
+                initial.append([p.detach().clone() for g in self.param_groups for p in g["params"]])
             return super().step(*args, **kwargs)
 
     monkeypatch.setattr(torch.optim, "Adam", AdamNotingWhereItStarts)
     keys = _train(images, tmp_path / "wd", "train.epochs=8", "train.rounds=2")
-    assert len(balanced) == 2 and "pseudo_masks" in str(balanced[0][0])  # each round on its own targets:
+    assert len(balanced) == 2 and "pseudo_masks" in str(balanced[0][0])  # each round balanced on its own targets,
     assert "round1_masks" in str(balanced[1][0])  # round 2 on round 1's predictions
     torch.manual_seed(tiny_config().seed + 2)  # round 2 starts from a new network, not from round 1's
     fresh = Segmenter(BackboneParams("vit_tiny_random"), 4).parameters()
