@@ -1,5 +1,5 @@
-"""Segmenter training step, CPU vs GPU side by side: the MobileNetV2 DeepLabv3 that `train` uses, stepped as
-`train` steps it (float16 autocast and a GradScaler on CUDA, float32 on the CPU).
+"""Segmenter training step, CPU vs GPU side by side: the MobileNetV2 DeepLabv3 that `train` uses, stepped by
+`train`'s own `train_step` (float16 autocast and a GradScaler on CUDA, float32 on the CPU).
 
     python benchmarks/train_step_device.py [--crop 320] [--batch 8] [--steps 10] [--cpu-threads 2]
 
@@ -10,19 +10,18 @@ One random batch, random trunk weights (the speed does not depend on them); prin
 from __future__ import annotations
 
 import argparse
-import contextlib
 import sys
 import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from pipeline.backbones import BackboneParams  # noqa: E402
 from pipeline.segmenter import Segmenter  # noqa: E402
+from stages.train import IGNORE, train_step  # noqa: E402
 
 
 def seconds_per_step(device: torch.device, images: torch.Tensor, masks: torch.Tensor, steps: int) -> float:
@@ -30,6 +29,7 @@ def seconds_per_step(device: torch.device, images: torch.Tensor, masks: torch.Te
     model = Segmenter(BackboneParams("mobilenet_v2", "random"), 21).to(device).train()
     optimizer = torch.optim.Adam(model.parameters(), 1e-4)
     scaler = torch.amp.GradScaler(device.type, enabled=device.type == "cuda")
+    criterion = torch.nn.CrossEntropyLoss(ignore_index=IGNORE)
     images, masks = images.to(device), masks.to(device)
     warmup = 2
     for step in range(warmup + steps):
@@ -37,12 +37,7 @@ def seconds_per_step(device: torch.device, images: torch.Tensor, masks: torch.Te
             if device.type == "cuda":
                 torch.cuda.synchronize()
             started = time.perf_counter()
-        with torch.autocast("cuda", dtype=torch.float16) if device.type == "cuda" else contextlib.nullcontext():
-            loss = F.cross_entropy(model(images), masks, ignore_index=255)
-        optimizer.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        scaler.step(optimizer)
-        scaler.update()
+        train_step(model, criterion, optimizer, scaler, images, masks)
     if device.type == "cuda":
         torch.cuda.synchronize()
     return (time.perf_counter() - started) / steps

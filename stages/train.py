@@ -230,13 +230,7 @@ def _train_round(ctx, params, round_index, images, targets, num_classes, work, r
         bar = ctx.progress(loader, f"train r{round_index} e{epoch}/{params.epochs}", unit="batch") if rank == 0 else loader
         for image, mask in bar:
             image, mask = image.to(device, non_blocking=True), mask.to(device, non_blocking=True)
-            autocast = torch.autocast("cuda", dtype=torch.float16) if device.type == "cuda" else contextlib.nullcontext()
-            with autocast:
-                loss = criterion(net(image), mask)
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
+            loss = train_step(net, criterion, optimizer, scaler, image, mask)
             total += torch.stack([loss.detach().float(), torch.ones((), device=device)])
             if rank == 0 and hasattr(bar, "set_postfix"):
                 bar.set_postfix(loss=f"{loss.item():.3f}")
@@ -259,6 +253,18 @@ def _train_round(ctx, params, round_index, images, targets, num_classes, work, r
     if world > 1:
         dist.barrier()
     return meta["log"]
+
+
+def train_step(net, criterion, optimizer, scaler, image, mask) -> torch.Tensor:
+    """One update on a batch: float16 autocast and the GradScaler on CUDA, plain float32 on the CPU."""
+    autocast = torch.autocast("cuda", dtype=torch.float16) if image.device.type == "cuda" else contextlib.nullcontext()
+    with autocast:
+        loss = criterion(net(image), mask)
+    optimizer.zero_grad(set_to_none=True)
+    scaler.scale(loss).backward()
+    scaler.step(optimizer)
+    scaler.update()
+    return loss
 
 
 def class_weights(targets: list[Path], num_classes: int, balance: float, ctx: Context) -> torch.Tensor:
