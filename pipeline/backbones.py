@@ -15,6 +15,7 @@ from typing import Literal
 import torch
 from torch import nn
 
+from pipeline.digests import file_digest
 from pipeline.errors import ConfigError, WeightsMismatchError, WeightsNotFoundError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -276,3 +277,14 @@ def _load_strict(trunk: nn.Module, state: dict, path: Path) -> None:
                 parts.append(f"{len(keys)} {label} (e.g. {', '.join(keys[:3])})")
         raise WeightsMismatchError(f"{path} does not fit {type(trunk).__name__}: " + "; ".join(parts))
     trunk.load_state_dict(state, strict=True)
+
+
+def weights_key(params: BackboneParams, section: str = "backbone") -> dict:
+    """What a cache key says of a trunk: its name and its weights by content (sha256), never by path, so a
+    moved file keys the same and a file replaced at the same path does not. Weights that cannot be found
+    are keyed by what was asked for; the stage's check stops with the reason if it has to run."""
+    try:
+        path = resolve_weights(params, section)
+    except WeightsNotFoundError:
+        return {"name": params.name, "weights_missing": params.weights}
+    return {"name": params.name, "weights_sha256": file_digest(path) if path is not None else RANDOM}

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps
 
-from pipeline.artifacts import file_sha256
+from pipeline.digests import file_digest
 from pipeline.errors import InputError
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"}
@@ -98,7 +98,7 @@ def is_image_problem(left_out: dict) -> bool:
 
 def fingerprint(path: Path, rel: str, hash_content: bool) -> str:
     if hash_content:
-        return f"{rel}:sha256:{file_sha256(path)}"
+        return f"{rel}:sha256:{file_digest(path)}"
     stat = path.stat()
     return f"{rel}:{stat.st_size}:{stat.st_mtime_ns}"
 

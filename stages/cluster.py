@@ -22,6 +22,7 @@ from pipeline.errors import ConfigError, InputError
 from pipeline.faiss_runtime import faiss
 
 VERSION = 1
+MAX_K = 254  # mask values: 0 background, 1..k clusters, 255 ignore
 
 
 @dataclasses.dataclass(frozen=True)
@@ -35,8 +36,9 @@ class Params:
     max_points_per_centroid: int = 256  # faiss subsamples larger sets for training (all points are assigned)
 
     def __post_init__(self):
-        if self.k < 1:
-            raise ConfigError(f"k must be >= 1, got {self.k}")
+        if not 1 <= self.k <= MAX_K:
+            raise ConfigError(f"k must be in [1, {MAX_K}] (pseudo masks are 8-bit: 0 background, cluster + 1, "
+                              f"255 ignore), got {self.k}")
         if self.method not in METHODS:
             raise ConfigError(f"method must be one of {', '.join(METHODS)}, got {self.method!r}")
         if self.neighbours < 2:

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from pipeline.artifacts import read_json, save_npy, stable_hash, write_json
-from pipeline.backbones import build_backbone, resolve_weights
+from pipeline.backbones import build_backbone, resolve_weights, weights_key
 from pipeline.context import Context, item_key, write_items
 from pipeline.errors import ConfigError
 from pipeline.images import decoded
@@ -40,7 +40,7 @@ class Params:
 
 def key_params(cfg) -> dict:
     # batch_size and shard_images change how the work is cut, not the vectors (inference is per crop)
-    return {"backbone": dataclasses.asdict(cfg.backbone), "crop_size": cfg.objects.crop_size}
+    return {"backbone": weights_key(cfg.backbone), "crop_size": cfg.objects.crop_size}
 
 
 def check(ctx: Context, params: Params) -> None:
@@ -59,27 +59,29 @@ def run(ctx: Context, params: Params) -> dict:
     crops = decoded([records[i["image"]].path for i in pending],
                     _CropBoxes([object_file(ctx.store, i["objects_key"]) for i in pending], ctx.cfg.objects.crop_size),
                     workers=ctx.cfg.workers)
-    outputs, counts, waiting = [], [], []
+    outputs, chunk, counts, waiting, seen = [], [], [], [], 0
     for index, image_crops, reason in ctx.progress(crops, "embed", total=len(pending)):
-        if image_crops is None:  # decoded by saliency earlier; changed since
+        seen += 1
+        if image_crops is None:  # decoded by saliency earlier; changed or unreadable since. Not a result: not cached
             ctx.skip(pending[index]["image"], reason)
-            image_crops = torch.zeros((0, 3, 1, 1), dtype=torch.uint8)
-        counts.append(len(image_crops))
-        waiting.append(image_crops)
+        else:
+            chunk.append(pending[index])
+            counts.append(len(image_crops))
+            waiting.append(image_crops)
         # Batches never span two shards, so a resumed shard sees exactly the batches it would have.
-        shard_done = len(counts) == params.shard_images or index == len(pending) - 1
+        shard_done = seen == params.shard_images or index == len(pending) - 1
         while sum(map(len, waiting)) >= params.batch_size or (shard_done and sum(map(len, waiting))):
             batch = torch.cat([w for w in waiting if len(w)])
             outputs.append(_forward(backbone, batch[:params.batch_size], ctx.device))
             waiting = [batch[params.batch_size:]]
-        if shard_done:
-            chunk = pending[index + 1 - len(counts):index + 1]
+        if shard_done and chunk:
             vectors = np.concatenate(outputs) if outputs else np.zeros((0, backbone.dim), np.float32)
             shard_id = stable_hash([i["key"] for i in chunk])
             save_npy(shards / f"{shard_id}.npy", vectors)
             write_json(shards / f"{shard_id}.json", {"items": [[i["key"], n] for i, n in zip(chunk, counts)]})  # last: marks it finished
             done.update(_shard_rows(shards / f"{shard_id}.json"))
-            outputs, counts, waiting = [], [], []
+        if shard_done:
+            outputs, chunk, counts, waiting, seen = [], [], [], [], 0
     kept = [i for i in items if i["objects"] == 0 or i["key"] in done]
     rows = _gather(ctx, shards, kept, done)
     write_items(ctx.out, [{"image": i["image"], "key": i["key"], "objects_key": i["objects_key"]} for i in kept])

@@ -6,6 +6,8 @@ as in TokenCut and Deep Spectral Methods) splits the image in two; the side touc
 patches is foreground (TokenCut picks the side of the largest eigenvector entry instead; the
 border rule found more of VOC's objects with our stand-in backbone, see the README). `onnx` runs any salient-object model exported to ONNX; `folder`
 reads the user's own masks (e.g. DeepUSPS outputs). Output: an 8-bit 0/255 PNG per image, at image size.
+A photo need not hold an object: a uniform one (all its pixels within `UNIFORM_RANGE` grey levels) gets an
+empty mask whatever the method, since any cut of it splits noise (a blank photo got 23% foreground).
 """
 from __future__ import annotations
 
@@ -19,14 +21,16 @@ import numpy as np
 import scipy.linalg
 import torch
 
-from pipeline.artifacts import atomic_write, file_sha256
-from pipeline.backbones import build_backbone
+from pipeline.artifacts import atomic_write
+from pipeline.backbones import build_backbone, weights_key
+from pipeline.digests import file_digest
 from pipeline.context import Context, item_key, write_items
 from pipeline.errors import ConfigError, InputError
 from pipeline.images import DEFAULT_MAX_PIXELS, IMAGE_SUFFIXES, decoded
 
-VERSION = 1
+VERSION = 2  # 2: uniform photos have no foreground
 SPECTRAL_GRID = 28  # patches per side when input_size is 0
+UNIFORM_RANGE = 8  # a photo whose pixel values all lie within this many grey levels has nothing salient
 
 
 @dataclasses.dataclass(frozen=True)
@@ -59,9 +63,9 @@ def key_params(cfg) -> dict:
 def _method_params(cfg) -> dict:
     p = cfg.saliency
     if p.method == "spectral":
-        return {"method": p.method, "input_size": p.input_size, "tau": p.tau, "backbone": dataclasses.asdict(cfg.backbone)}
+        return {"method": p.method, "input_size": p.input_size, "tau": p.tau, "backbone": weights_key(cfg.backbone)}
     if p.method == "onnx":
-        return {"method": p.method, "model_sha256": _model_sha256(p.model), "cpu_float16_as": "float32", "input_size": p.input_size,
+        return {"method": p.method, "model_sha256": file_digest(p.model) if Path(p.model).is_file() else "", "cpu_float16_as": "float32", "input_size": p.input_size,
                 "mean": p.mean, "std": p.std, "threshold": p.threshold}
     return {"method": p.method, "masks_dir": str(Path(p.masks_dir).resolve()), "threshold": p.threshold}
 
@@ -94,7 +98,7 @@ def run(ctx: Context, params: Params) -> dict:
             ctx.skip(record.rel, reason)
             bad.add(record.rel)
             continue
-        mask = predict(record, rgb)
+        mask = np.zeros(rgb.shape[:2], np.uint8) if is_uniform(rgb) else predict(record, rgb)
         ok, png = cv2.imencode(".png", mask)
         atomic_write(mask_file(ctx.store, key_of[record.rel]), lambda tmp: tmp.write_bytes(png.tobytes()))
     items = [{"image": r.rel, "key": key_of[r.rel]} for r in ctx.images if r.rel not in bad]
@@ -102,6 +106,12 @@ def run(ctx: Context, params: Params) -> dict:
     # Images that failed in an earlier run are decoded again above, so `bad` is complete.
     write_items(ctx.out, items)
     return {"images": len(items), "computed": len(pending) - len(bad)}
+
+
+def is_uniform(rgb: np.ndarray) -> bool:
+    """True for a photo with nothing in it to segment: every channel spans at most UNIFORM_RANGE levels."""
+    flat = rgb.reshape(-1, rgb.shape[-1])
+    return bool((flat.max(axis=0).astype(int) - flat.min(axis=0)).max() <= UNIFORM_RANGE)
 
 
 def mask_file(store, key: str) -> Path:
@@ -249,7 +259,3 @@ def _read_user_mask(path: Path, shape: tuple[int, int], threshold: float) -> np.
         mask = cv2.resize(mask, (shape[1], shape[0]), interpolation=cv2.INTER_NEAREST)
     return np.where(mask > threshold * 255, 255, 0).astype(np.uint8)
 
-
-@functools.lru_cache(maxsize=8)
-def _model_sha256(path: str) -> str:
-    return file_sha256(Path(path)) if path and Path(path).is_file() else ""

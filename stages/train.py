@@ -28,7 +28,7 @@ from PIL import Image
 from torch import nn
 
 from pipeline.artifacts import atomic_write, read_json
-from pipeline.backbones import IMAGENET_MEAN, IMAGENET_STD, BackboneName, BackboneParams, resolve_weights
+from pipeline.backbones import IMAGENET_MEAN, IMAGENET_STD, BackboneName, BackboneParams, resolve_weights, weights_key
 from pipeline.context import ITEMS, Context, write_items
 from pipeline.errors import ConfigError, InputError
 from pipeline.images import BadImage, load_rgb, read_label_png, stem_of, write_label_png
@@ -79,7 +79,8 @@ class Params:
 
 
 def key_params(cfg) -> dict:
-    return {**dataclasses.asdict(cfg.train), "seed": cfg.seed}
+    trunk = weights_key(BackboneParams(cfg.train.backbone, cfg.train.weights), section="train")
+    return {**dataclasses.asdict(cfg.train), "backbone": trunk["name"], "weights": trunk, "seed": cfg.seed}
 
 
 def check(ctx: Context, params: Params) -> None:

@@ -239,5 +239,5 @@ def test_pseudo_masks_paint_clusters_and_ignore(images, tmp_path, method):
 
 
 def test_too_few_objects_for_k_is_a_clear_error(images, tmp_path):
-    with pytest.raises(InputError, match=r"cluster.k=500 but only \d+ objects"):
-        _run(images, tmp_path / "wd", "cluster.k=500")
+    with pytest.raises(InputError, match=r"cluster.k=200 but only \d+ objects"):
+        _run(images, tmp_path / "wd", "cluster.k=200")
