@@ -34,12 +34,14 @@ from pipeline.errors import ConfigError, InputError
 from pipeline.images import BadImage, load_rgb, read_label_png, stem_of, write_label_png
 from pipeline.segmenter import Segmenter, load_checkpoint, save_checkpoint, set_rng_state
 
-VERSION = 8  # 2: MobileNetV2 dilated to output stride 16; 3: 320-channel MobileNetV2 head, poly lr, class balance,
+VERSION = 9  # 2: MobileNetV2 dilated to output stride 16; 3: 320-channel MobileNetV2 head, poly lr, class balance,
 # warm rounds, flip TTA; 4: background keeps weight 1 in the class balance; 5: class balance in round 1 only;
 # 6: every round starts from the initial trunk weights, not from the previous round's network;
 # 7: predictions at the training crops' mean scale (predict_size), not at base_size;
-# 8: every round balanced on its own targets
+# 8: every round balanced on its own targets; 9: a dataset smaller than the batch is repeated to fill it
+# (a batch of one sample crashed BatchNorm), so every step sees batch_size samples
 IGNORE = 255
+MIN_BATCH = 2  # BatchNorm in training needs 2 samples per channel (the head's image-pooling branch is 1x1)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -48,7 +50,7 @@ class Params:
     weights: str = ""  # trunk weights: a file, "" = torch.hub's cache, "random" = untrained, by request only
     rounds: int = 1  # 1 = learn the pseudo masks; each further round learns the previous round's predictions
     epochs: int = 10  # per round
-    batch_size: int = 8  # global: split over the processes under torchrun
+    batch_size: int = 8  # global: split over the processes under torchrun; a smaller dataset is repeated to fill it
     lr: float = 6e-5  # initial; decays as (1 - epoch / epochs) ** 0.9 (DeepLab's poly schedule)
     balance: float = 0.5  # cluster weight = its pixel frequency ** -balance among the round's object pixels; 0 = plain CrossEntropy
     weight_decay: float = 0.0
@@ -56,9 +58,12 @@ class Params:
     base_size: int = 520  # short side is rescaled to a random size in [0.5, 2] x base_size; predictions use predict_size
 
     def __post_init__(self):
-        for name in ("rounds", "epochs", "batch_size", "crop_size", "base_size"):
+        for name in ("rounds", "epochs", "crop_size", "base_size"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.batch_size < MIN_BATCH:
+            raise ConfigError(f"batch_size must be >= {MIN_BATCH} (BatchNorm needs {MIN_BATCH} samples per step), "
+                              f"got {self.batch_size}")
         if self.lr <= 0:
             raise ConfigError(f"lr must be > 0, got {self.lr}")
         if not 0 <= self.balance <= 1:
@@ -88,6 +93,10 @@ def check(ctx: Context, params: Params) -> None:
     world = _world()[1]
     if params.batch_size % world:
         raise ConfigError(f"train.batch_size={params.batch_size} does not split over {world} processes")
+    synced = world > 1 and ctx.device.type == "cuda"  # SyncBatchNorm pools the processes' samples
+    if not synced and params.batch_size // world < MIN_BATCH:
+        raise ConfigError(f"train.batch_size={params.batch_size} leaves {params.batch_size // world} sample per process "
+                          f"over {world} processes; BatchNorm needs {MIN_BATCH} (SyncBatchNorm pools them on GPUs only)")
 
 
 def run(ctx: Context, params: Params) -> dict:
@@ -154,7 +163,9 @@ def _check_pairs(images: list[Path], masks: list[Path]) -> None:
 
 
 class PseudoLabelled(torch.utils.data.Dataset):
-    """(image, target) pairs, augmented with a generator seeded by (seed, round, epoch, index)."""
+    """(image, target) pairs, augmented with a generator seeded by (seed, round, epoch, index). Fewer images
+    than one batch are repeated (each repeat augmented anew) up to `batch_size` samples, so that every step,
+    the last one included, has a full batch: BatchNorm cannot train on a single sample."""
 
     def __init__(self, images, targets, params: Params, seed: int, round_index: int):
         # torchvision is imported when training starts: it pulls in torch._dynamo, seconds a cached rerun does not need
@@ -162,6 +173,7 @@ class PseudoLabelled(torch.utils.data.Dataset):
         from torchvision.transforms import v2
 
         self.images, self.targets, self.seed, self.round = images, targets, seed, round_index
+        self.samples = max(len(images), params.batch_size)
         self.epoch = 0
         self.image_type, self.mask_type = tv_tensors.Image, tv_tensors.Mask
         self.transform = v2.Compose([
@@ -173,15 +185,16 @@ class PseudoLabelled(torch.utils.data.Dataset):
         ])
 
     def __len__(self):
-        return len(self.images)
+        return self.samples
 
     def __getitem__(self, index):
+        path, target = self.images[index % len(self.images)], self.targets[index % len(self.images)]
         try:
-            rgb = load_rgb(self.images[index])
+            rgb = load_rgb(path)
         except BadImage as exc:
-            raise InputError(f"{self.images[index]}: {exc}") from None
+            raise InputError(f"{path}: {exc}") from None
         image = self.image_type(torch.from_numpy(rgb).permute(2, 0, 1))
-        mask = self.mask_type(torch.from_numpy(read_label_png(self.targets[index])))
+        mask = self.mask_type(torch.from_numpy(read_label_png(target)))
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(hash((self.seed, self.round, self.epoch, index)) & 0x7FFFFFFF)
             image, mask = self.transform(image, mask)
@@ -213,7 +226,7 @@ def _train_round(ctx, params, round_index, images, targets, num_classes, work, r
     dataset = PseudoLabelled(images, targets, params, ctx.cfg.seed, round_index)
     sampler = torch.utils.data.DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=True, seed=ctx.cfg.seed)
     loader = torch.utils.data.DataLoader(dataset, batch_size=params.batch_size // world, sampler=sampler,
-                                         num_workers=ctx.cfg.workers, drop_last=len(dataset) >= params.batch_size,
+                                         num_workers=ctx.cfg.workers, drop_last=True,  # the dataset holds a full batch
                                          pin_memory=device.type == "cuda", persistent_workers=False)
     # Each round's new network is balanced on its own targets: unbalanced, a fresh round-2 network lost
     # VOC's two smallest clusters (IoU 0.12 -> 0.01 and 0.14 -> 0.01 against the ground truth).

@@ -107,8 +107,8 @@ def test_interrupted_training_resumes_from_its_last_checkpoint(images, tmp_path,
     np.testing.assert_allclose([r["loss"] for r in resumed_log], [r["loss"] for r in clean_log], rtol=1e-4)
     a = torch.load(tmp_path / "clean" / "cache" / "train" / uninterrupted["train"] / "latest.pt", weights_only=True)
     b = torch.load(tmp_path / "wd" / "cache" / "train" / resumed["train"] / "latest.pt", weights_only=True)
-    for name in a["model"]:
-        torch.testing.assert_close(a["model"][name], b["model"][name], rtol=1e-4, atol=1e-5)
+    assert a["model"].keys() == b["model"].keys()
+    assert all(torch.equal(a["model"][name], b["model"][name]) for name in a["model"])  # on the CPU: bit for bit
 
 
 def _pseudo_entry(images, workdir):
@@ -205,6 +205,35 @@ def test_a_global_batch_that_does_not_split_over_the_processes_is_refused(images
     with pytest.raises(ConfigError, match="train.batch_size=4 does not split over 3 processes"):
         _train(images, tmp_path / "wd")
     assert not (tmp_path / "wd" / "cache").exists()  # refused before any work
+
+
+def test_a_batch_of_one_is_a_one_line_error_before_any_work(images, tmp_path, capsys):
+    import run_pipeline
+
+    args = ["run", "--images", str(images), "--workdir", str(tmp_path / "wd"), *tiny_config_args("train.batch_size=1")]
+    assert run_pipeline.main(args) == 2
+    err = capsys.readouterr().err
+    assert err.strip().splitlines() == ["error: train.batch_size must be >= 2 (BatchNorm needs 2 samples per step), got 1"]
+    assert not (tmp_path / "wd" / "cache").exists()
+
+
+def test_one_sample_per_process_on_the_cpu_is_refused_before_any_work(images, tmp_path, monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")  # as under torchrun: no SyncBatchNorm on the CPU, each process normalises alone
+    with pytest.raises(ConfigError, match="train.batch_size=2 leaves 1 sample per process over 2 processes"):
+        _train(images, tmp_path / "wd", "train.batch_size=2")
+    assert not (tmp_path / "wd" / "cache").exists()
+
+
+@pytest.mark.parametrize("kept", [1, 3, 5])  # one image, fewer than a batch, a last batch of one sample
+def test_every_step_trains_on_a_full_batch_whatever_the_folder_size(images, tmp_path, monkeypatch, kept):
+    for extra in sorted(images.iterdir())[kept:]:
+        extra.unlink()
+    batches, real_step = [], stages.train.train_step
+    monkeypatch.setattr(stages.train, "train_step", lambda net, loss, opt, scaler, image, mask:
+                        batches.append(len(image)) or real_step(net, loss, opt, scaler, image, mask))
+    keys = _train(images, tmp_path / "wd", "train.epochs=2", *(["cluster.k=1"] if kept == 1 else []))
+    assert batches == [4, 4]  # one step of 4 per epoch: fewer images are repeated to fill it, a fifth one dropped
+    assert read_json(tmp_path / "wd" / "cache" / "train" / keys["train"] / "manifest.json")["counts"]["images"] == kept
 
 
 @pytest.mark.slow
