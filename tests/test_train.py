@@ -26,8 +26,18 @@ def _train(images, workdir, *overrides):
     return runner.run(tiny_config(*overrides), images, workdir, log=quiet)
 
 
-def _log(workdir, keys):
-    with open(workdir / "cache" / "train" / keys["train"] / "train_log.csv") as f:
+def _entry(workdir, keys):
+    return workdir / "cache" / "train" / keys["train"]
+
+
+def _only_entry(workdir):
+    """The finished train entry of a workdir that trained with one config (made by the CLI)."""
+    (entry,) = [p for p in (workdir / "cache" / "train").iterdir() if (p / "manifest.json").is_file()]
+    return entry
+
+
+def _log(entry):
+    with open(entry / "train_log.csv") as f:
         return [{k: float(v) for k, v in row.items()} for row in csv.DictReader(f)]
 
 
@@ -49,11 +59,11 @@ def test_training_lowers_the_loss_and_self_training_adds_a_round(images, tmp_pat
     torch.manual_seed(tiny_config().seed + 2)  # round 2 starts from a new network, not from round 1's
     fresh = Segmenter(BackboneParams("vit_tiny_random"), 4).parameters()
     assert len(initial) == 2 and all(torch.equal(a, b) for a, b in zip(initial[1], fresh, strict=True))
-    log = _log(tmp_path / "wd", keys)
+    log = _log(_entry(tmp_path / "wd", keys))
     assert [(r["round"], r["epoch"]) for r in log] == [(1, e) for e in range(1, 9)] + [(2, e) for e in range(1, 9)]
     first_round = [r["loss"] for r in log if r["round"] == 1]
     assert first_round[-1] < first_round[0] * 0.8
-    entry = tmp_path / "wd" / "cache" / "train" / keys["train"]
+    entry = _entry(tmp_path / "wd", keys)
     assert {p.name for p in entry.iterdir()} >= {"latest.pt", "best.pt", "masks", "items.json", "train_log.csv"}
     assert load_checkpoint(entry / "latest.pt")["predict_size"] == 80  # the mean of the rescale range, 32-128
     assert not (tmp_path / "wd" / "cache" / "train" / f"{keys['train']}.work").exists()
@@ -102,11 +112,11 @@ def test_interrupted_training_resumes_from_its_last_checkpoint(images, tmp_path,
         _train(images, tmp_path / "wd", "train.epochs=4")
     monkeypatch.setattr(stages.train, "save_checkpoint", real_save)
     resumed = _train(images, tmp_path / "wd", "train.epochs=4")
-    clean_log, resumed_log = _log(tmp_path / "clean", uninterrupted), _log(tmp_path / "wd", resumed)
+    clean_log, resumed_log = _log(_entry(tmp_path / "clean", uninterrupted)), _log(_entry(tmp_path / "wd", resumed))
     assert [r["epoch"] for r in resumed_log] == [1, 2, 3, 4]
     np.testing.assert_allclose([r["loss"] for r in resumed_log], [r["loss"] for r in clean_log], rtol=1e-4)
-    a = torch.load(tmp_path / "clean" / "cache" / "train" / uninterrupted["train"] / "latest.pt", weights_only=True)
-    b = torch.load(tmp_path / "wd" / "cache" / "train" / resumed["train"] / "latest.pt", weights_only=True)
+    a = torch.load(_entry(tmp_path / "clean", uninterrupted) / "latest.pt", weights_only=True)
+    b = torch.load(_entry(tmp_path / "wd", resumed) / "latest.pt", weights_only=True)
     assert a["model"].keys() == b["model"].keys()
     assert all(torch.equal(a["model"][name], b["model"][name]) for name in a["model"])  # on the CPU: bit for bit
 
@@ -138,7 +148,7 @@ def test_training_pairs_are_checked_before_training_and_the_bad_file_is_named(im
 
 def test_predict_segments_unseen_images_and_resumes(shapes_dir, images, tmp_path):
     keys = _train(images, tmp_path / "wd")
-    checkpoint = tmp_path / "wd" / "cache" / "train" / keys["train"] / "best.pt"
+    checkpoint = _entry(tmp_path / "wd", keys) / "best.pt"
     unseen = tmp_path / "unseen"
     unseen.mkdir()
     rgb = np.asarray(Image.open(images / "shape_0001.jpg"))
@@ -181,18 +191,43 @@ def test_torchrun_ddp_matches_a_single_process_with_the_same_global_batch(images
     single = subprocess.run([*_cli, "stage", "train", "--workdir", str(tmp_path / "one"), *base], cwd=ROOT,
                             capture_output=True, text=True)
     assert single.returncode == 0, single.stderr
+    (tmp_path / "each_rank.py").write_text(EACH_RANK_SAVES_ITS_WEIGHTS)
     ddp = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                          str(ROOT / "run_pipeline.py"), "stage", "train", "--workdir", str(tmp_path / "two"), *base],
+                          str(tmp_path / "each_rank.py"), str(ROOT), str(tmp_path),
+                          "stage", "train", "--workdir", str(tmp_path / "two"), *base],
                          cwd=ROOT, capture_output=True, text=True)
     assert ddp.returncode == 0, ddp.stderr[-2000:]
-    one, two = (read_json(tmp_path / d / "state.json")["keys"] for d in ("one", "two"))
-    assert read_json(tmp_path / "two" / "cache" / "train" / two["train"] / "manifest.json")["counts"]["processes"] == 2
-    single_loss = [r["loss"] for r in _log(tmp_path / "one", one)]
-    ddp_loss = [r["loss"] for r in _log(tmp_path / "two", two)]
+    one, two = _only_entry(tmp_path / "one"), _only_entry(tmp_path / "two")
+    assert read_json(two / "manifest.json")["counts"]["processes"] == 2
+    # Gradients are averaged over the processes, so both end with the same weights: the ones rank 0 saved.
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1)]
+    saved = load_checkpoint(two / "latest.pt")["model"]
+    assert ranks[0].keys() == ranks[1].keys() and len(ranks[0]) > 10
+    assert all(torch.equal(ranks[0][name], ranks[1][name]) and torch.equal(ranks[0][name], saved[name]) for name in ranks[0])
+    single_loss, ddp_loss = [r["loss"] for r in _log(one)], [r["loss"] for r in _log(two)]
     # Same samples and augmentations per step; only the head's BatchNorm sees half batches per process
     # (SyncBatchNorm is CUDA-only), so the curves agree within a tolerance, not exactly.
     np.testing.assert_allclose(ddp_loss, single_loss, rtol=0.1)
     assert ddp_loss[-1] < ddp_loss[0]
+
+
+# Run by torchrun: the CLI (argv[3:]), then each process saves the parameters its last training step left
+# in its network (rank 1 writes no checkpoint) to argv[2]/rank<RANK>.pt.
+EACH_RANK_SAVES_ITS_WEIGHTS = """
+import os, sys
+sys.path.insert(0, sys.argv[1])
+import torch
+import run_pipeline
+import stages.train
+
+networks, real_step = [], stages.train.train_step
+stages.train.train_step = lambda net, *args: networks.append(net) or real_step(net, *args)
+code = run_pipeline.main(sys.argv[3:])
+model = getattr(networks[-1], "module", networks[-1])  # inside DistributedDataParallel
+weights = {name: p.detach().clone() for name, p in model.named_parameters()}
+torch.save(weights, os.path.join(sys.argv[2], f"rank{os.environ['RANK']}.pt"))
+sys.exit(code)
+"""
 
 
 def tiny_config_args(*overrides):
@@ -233,7 +268,7 @@ def test_every_step_trains_on_a_full_batch_whatever_the_folder_size(images, tmp_
                         batches.append(len(image)) or real_step(net, loss, opt, scaler, image, mask))
     keys = _train(images, tmp_path / "wd", "train.epochs=2", *(["cluster.k=1"] if kept == 1 else []))
     assert batches == [4, 4]  # one step of 4 per epoch: fewer images are repeated to fill it, a fifth one dropped
-    assert read_json(tmp_path / "wd" / "cache" / "train" / keys["train"] / "manifest.json")["counts"]["images"] == kept
+    assert read_json(_entry(tmp_path / "wd", keys) / "manifest.json")["counts"]["images"] == kept
 
 
 @pytest.mark.slow
