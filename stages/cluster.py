@@ -1,12 +1,20 @@
 """Cluster: the L2-normalised object vectors are grouped into `k` pseudo-classes.
 
-`kmeans` (default): faiss's spherical k-means (centroids re-normalised each iteration), seeded, best
-of `nredo` restarts; scales to 10^6 objects. `spectral` (the COMUS paper's choice): spectral clustering
+The vectors may first be projected on their `pca_dim` principal components (faiss's PCAMatrix),
+`whiten`ed to unit variance per component so that the few directions every object shares (what
+makes a photo a photo) stop dominating the cosine, and normalised again.
+
+`kmeans`: faiss's spherical k-means (centroids re-normalised each iteration), seeded, best of
+`nredo` restarts; scales to 10^6 objects. `spectral` (the COMUS paper's choice): spectral clustering
 of the symmetric `neighbours`-nearest-neighbour graph, built with faiss's exact search (its cost grows
 with the square of the object count), then k-means on the graph's leading eigenvectors; it follows
-elongated clusters that k-means cuts in pieces. Either way, objects far from their cluster's centroid
-are the least reliable pseudo labels: per cluster, those beyond the `core_fraction` quantile of cosine
-distance become ignore (255 in the masks).
+elongated clusters that k-means cuts in pieces. `auto`: spectral up to `SPECTRAL_MAX_OBJECTS`,
+k-means beyond. With `overcluster` > 1, the method makes `overcluster` x k clusters, and those that
+share the most neighbour-graph edges, for their size, are merged until k remain.
+
+Objects whose label is least reliable become ignore (255 in the masks): per cluster, all but the
+`core_fraction` most reliable, ranked by `reliability`: `distance` to the cluster's centroid, or
+`neighbours`: the share of an object's graph neighbours that carry its label (ties by distance).
 """
 from __future__ import annotations
 
@@ -23,13 +31,21 @@ from pipeline.faiss_runtime import faiss
 
 VERSION = 1
 MAX_K = 254  # mask values: 0 background, 1..k clusters, 255 ignore
+# Spectral's exact kNN graph costs n^2: 1.9 s at 10^4 objects and 81 s at 10^5 (benchmarks/clustering.py),
+# still a small part of embedding that many crops (about an hour for 10^5 here); 10^6 would take hours.
+SPECTRAL_MAX_OBJECTS = 100_000
+RELIABILITY = ("distance", "neighbours")
 
 
 @dataclasses.dataclass(frozen=True)
 class Params:
     k: int = 20
-    method: str = "kmeans"  # kmeans | spectral
-    neighbours: int = 30  # spectral: graph neighbours of each object (itself included)
+    method: str = "kmeans"  # auto | kmeans | spectral
+    neighbours: int = 30  # graph neighbours of each object (itself included): spectral, merging, reliability
+    pca_dim: int = 0  # project on this many principal components first (0: no projection)
+    whiten: bool = False  # with pca_dim: each component scaled to unit variance
+    overcluster: int = 1  # make this many times k clusters, then merge them to k
+    reliability: str = "distance"  # what ranks a cluster's objects for core_fraction: distance | neighbours
     niter: int = 300
     nredo: int = 10
     core_fraction: float = 0.8  # per cluster, this fraction of objects nearest the centroid keep their label
@@ -49,12 +65,23 @@ class Params:
             raise ConfigError(f"core_fraction must be in (0, 1], got {self.core_fraction}")
         if self.max_points_per_centroid < 1:
             raise ConfigError(f"max_points_per_centroid must be >= 1, got {self.max_points_per_centroid}")
+        if self.pca_dim < 0 or (self.whiten and not self.pca_dim):
+            raise ConfigError(f"pca_dim must be >= 0 and > 0 with whiten, got {self.pca_dim}")
+        if not 1 <= self.overcluster <= MAX_K // self.k:
+            raise ConfigError(f"overcluster must be in [1, {MAX_K // self.k}] for k={self.k}, got {self.overcluster}")
+        if self.reliability not in RELIABILITY:
+            raise ConfigError(f"reliability must be one of {', '.join(RELIABILITY)}, got {self.reliability!r}")
 
 
 def key_params(cfg) -> dict:
+    # settings at what version 1 did are left out, so keys made before they existed stay valid
     params = dataclasses.asdict(cfg.cluster)
+    legacy = {"pca_dim": 0, "whiten": False, "overcluster": 1, "reliability": "distance"}
+    params = {name: value for name, value in params.items() if legacy.get(name, object()) != value}
     if params["method"] == "kmeans":  # k-means keys made before `spectral` existed stay valid
-        del params["method"], params["neighbours"]
+        del params["method"]
+        if not ({"overcluster", "reliability"} & set(params)):
+            del params["neighbours"]
     return {**params, "seed": cfg.seed}
 
 
@@ -64,15 +91,79 @@ def run(ctx: Context, params: Params) -> dict:
         raise InputError(f"cluster.k={params.k} but only {len(vectors)} objects were found; lower cluster.k "
                          f"or lower objects.min_area")
     started = time.perf_counter()
-    centroids, assignment, distance = METHODS[params.method](vectors, params, ctx.cfg.seed)
-    core = core_mask(assignment, distance, params.k, params.core_fraction)
+    method = resolved_method(params.method, len(vectors))
+    unit = projected(vectors, params)
+    centroids, assignment, distance = clustered(unit, params, ctx.cfg.seed)
+    core = core_mask(assignment, unreliability(unit, assignment, distance, params), params.k, params.core_fraction)
     np.save(ctx.out / "centroids.npy", centroids)
     np.save(ctx.out / "assignments.npy", assignment)
     np.save(ctx.out / "distances.npy", distance)
     np.save(ctx.out / "core.npy", core)
     sizes = np.bincount(assignment, minlength=params.k)
-    return {"objects": len(vectors), "core_objects": int(core.sum()), "cluster_sizes": sizes.tolist(),
-            f"{params.method}_seconds": round(time.perf_counter() - started, 3)}
+    return {"objects": len(vectors), "method": method, "core_objects": int(core.sum()), "cluster_sizes": sizes.tolist(),
+            f"{method}_seconds": round(time.perf_counter() - started, 3)}
+
+
+def resolved_method(method: str, objects: int) -> str:
+    if method != "auto":
+        return method
+    return "spectral" if objects <= SPECTRAL_MAX_OBJECTS else "kmeans"
+
+
+def projected(vectors: np.ndarray, params: Params) -> np.ndarray:
+    """The vectors on their `pca_dim` principal components (whitened with `whiten`), L2-normalised;
+    unchanged without pca_dim. At most n - 1 components: n points span no more."""
+    if not params.pca_dim:
+        return vectors
+    dim = min(params.pca_dim, vectors.shape[1], len(vectors) - 1)
+    pca = faiss.PCAMatrix(vectors.shape[1], dim, -0.5 if params.whiten else 0.0, False)
+    pca.train(vectors)
+    return _unit(pca.apply(vectors))
+
+
+def clustered(unit: np.ndarray, params: Params, seed: int):
+    """What the method returns, after over-clustering and merging when `overcluster` > 1."""
+    method = METHODS[resolved_method(params.method, len(unit))]
+    if params.overcluster == 1:
+        return method(unit, params, seed)
+    fine = dataclasses.replace(params, k=min(params.k * params.overcluster, len(unit)), overcluster=1)
+    assignment = merged(unit, method(unit, fine, seed)[1], params, seed)
+    return members_centroids(unit, assignment, params.k)
+
+
+def merged(unit: np.ndarray, assignment: np.ndarray, params: Params, seed: int) -> np.ndarray:
+    """Clusters merged into k by a normalised cut of the graph between them, whose edge weights are the
+    neighbour-graph edges from one cluster's objects to the other's."""
+    graph = neighbour_graph(unit, min(params.neighbours, len(unit)))
+    membership = scipy.sparse.csr_matrix((np.ones(len(unit)), (np.arange(len(unit)), assignment)),
+                                         shape=(len(unit), int(assignment.max()) + 1))
+    return graph_partition((membership.T @ graph @ membership).tocsr(), params, seed)[assignment]
+
+
+def members_centroids(unit: np.ndarray, assignment: np.ndarray, k: int):
+    """(centroids: each cluster's normalised mean, assignment, cosine distance to its centroid)."""
+    sums = np.zeros((k, unit.shape[1]), dtype=np.float64)
+    np.add.at(sums, assignment, unit)
+    centroids = _unit(sums).astype(np.float32)
+    distance = (1.0 - np.einsum("nd,nd->n", unit, centroids[assignment])).astype(np.float32)
+    return centroids, assignment, distance
+
+
+def unreliability(unit: np.ndarray, assignment: np.ndarray, distance: np.ndarray, params: Params) -> np.ndarray:
+    """Per object, lower is more reliable: its distance, or its rank by (share of its graph neighbours,
+    itself left out, that carry another label; distance)."""
+    if params.reliability == "distance":
+        return distance
+    neighbours = min(params.neighbours, len(unit))
+    index = faiss.IndexFlatIP(unit.shape[1])
+    index.add(unit)
+    nearest = index.search(unit, neighbours)[1]
+    others = nearest[nearest != np.arange(len(unit))[:, None]].reshape(len(unit), -1)[:, :neighbours - 1]
+    disagreement = (assignment[others] != assignment[:, None]).mean(axis=1)
+    order = np.lexsort((distance, disagreement))
+    rank = np.empty(len(unit), np.float32)
+    rank[order] = np.arange(len(unit))
+    return rank
 
 
 def spherical_kmeans(vectors: np.ndarray, params: Params, seed: int):
@@ -93,22 +184,27 @@ def spectral(vectors: np.ndarray, params: Params, seed: int):
     with faiss for the neighbour search and the k-means: leading eigenvectors of the normalised graph,
     scaled by the inverse square root of each object's degree, grouped by k-means from k-means++ seeds.
     Returns what `spherical_kmeans` returns, with each centroid the normalised mean of its members."""
-    unit = vectors / np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12)
+    unit = _unit(vectors)
     graph = neighbour_graph(unit, min(params.neighbours, len(unit)))
+    return members_centroids(unit, graph_partition(graph, params, seed), params.k)
+
+
+def graph_partition(graph: scipy.sparse.csr_matrix, params: Params, seed: int) -> np.ndarray:
+    """(n,) int32: the graph's nodes in k groups, from the leading eigenvectors of its normalised affinity."""
+    nodes = graph.shape[0]
     inverse_sqrt_degree = 1.0 / np.sqrt(np.asarray(graph.sum(axis=1)).ravel())
     normalised = scipy.sparse.diags(inverse_sqrt_degree) @ graph @ scipy.sparse.diags(inverse_sqrt_degree)
-    start = np.random.default_rng(seed).uniform(-1.0, 1.0, len(unit))  # ARPACK's start vector, seeded
-    if params.k < len(unit):
+    start = np.random.default_rng(seed).uniform(-1.0, 1.0, nodes)  # ARPACK's start vector, seeded
+    if params.k < nodes:
         _, eigenvectors = scipy.sparse.linalg.eigsh(normalised, k=params.k, which="LA", v0=start)
     else:  # ARPACK needs k < n; a dense solve is cheap at this size
         eigenvectors = np.linalg.eigh(normalised.toarray())[1][:, -params.k:]
-    assignment = kmeans_plus_plus(np.ascontiguousarray(eigenvectors * inverse_sqrt_degree[:, None], dtype=np.float32),
-                                  params, seed)
-    sums = np.zeros((params.k, unit.shape[1]), dtype=np.float64)
-    np.add.at(sums, assignment, unit)
-    centroids = (sums / np.maximum(np.linalg.norm(sums, axis=1, keepdims=True), 1e-12)).astype(np.float32)
-    distance = (1.0 - np.einsum("nd,nd->n", unit, centroids[assignment])).astype(np.float32)
-    return centroids, assignment, distance
+    return kmeans_plus_plus(np.ascontiguousarray(eigenvectors * inverse_sqrt_degree[:, None], dtype=np.float32),
+                            params, seed)
+
+
+def _unit(vectors: np.ndarray) -> np.ndarray:
+    return np.ascontiguousarray(vectors / np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12), dtype=np.float32)
 
 
 def kmeans_plus_plus(points: np.ndarray, params: Params, seed: int) -> np.ndarray:
@@ -141,11 +237,17 @@ def neighbour_graph(unit: np.ndarray, neighbours: int) -> scipy.sparse.csr_matri
     return (connectivity + connectivity.T) * 0.5
 
 
-METHODS = {"kmeans": spherical_kmeans, "spectral": spectral}
+def auto(vectors: np.ndarray, params: Params, seed: int):
+    """spectral up to SPECTRAL_MAX_OBJECTS objects, spherical k-means beyond."""
+    return METHODS[resolved_method("auto", len(vectors))](vectors, params, seed)
+
+
+METHODS = {"auto": auto, "kmeans": spherical_kmeans, "spectral": spectral}
 
 
 def core_mask(assignment: np.ndarray, distance: np.ndarray, k: int, core_fraction: float) -> np.ndarray:
-    """True for objects within their cluster's `core_fraction` quantile of distance to the centroid."""
+    """True for objects within their cluster's `core_fraction` quantile of `distance` (or of any score
+    where lower is more reliable)."""
     core = np.ones(len(assignment), dtype=bool)
     if core_fraction >= 1.0:
         return core

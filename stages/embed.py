@@ -1,5 +1,12 @@
 """Embed: a frozen self-supervised backbone turns each object crop into one L2-normalised vector.
 
+The vector describes the object rather than its box: each of the `views` of the crop is embedded
+(`context`: the box as cut, margin included; `grey`: pixels of no object greyed out; `blur`: those
+pixels blurred, keeping the scene's colours but not its shapes), and with `flip` each view mirrored
+too; the views' vectors are averaged. With `layers` > 1 the vector joins the pooled features of the
+trunk's last stages (earlier stages describe parts and textures the last one abstracts away), each
+L2-normalised so that every stage counts alike.
+
 Crops are cut and resized in DataLoader workers; the backbone runs in `eval()` under
 `inference_mode` (AMP on GPU). Vectors stream to `.npy` shards of `shard_images` images, each
 shard finished before the next starts, so memory does not grow with the dataset and a killed run
@@ -24,23 +31,37 @@ from pipeline.images import decoded
 from stages.objects import load_objects, object_file
 
 VERSION = 1
+VIEWS = ("context", "grey", "blur")
+GREY = (124, 116, 104)  # ImageNet's mean colour: what the backbone's normalisation maps to zero
+BLUR_SIGMA = 0.1  # of the crop's side: the background keeps its colours, loses its shapes
+LEGACY = {"views": ("context",), "flip": False, "layers": 1}  # what version 1 computed
 
 
 @dataclasses.dataclass(frozen=True)
 class Params:
-    batch_size: int = 64  # crops per forward pass
+    batch_size: int = 64  # objects per forward pass (each brings one crop per view, two with flip)
     shard_images: int = 256  # images per shard: the unit of resumption
+    views: tuple[str, ...] = ("context",)  # of each object, averaged: context | grey | blur
+    flip: bool = False  # average each view with its mirror image
+    layers: int = 1  # pooled features of this many of the trunk's last stages, concatenated
 
     def __post_init__(self):
         if self.batch_size < 1:
             raise ConfigError(f"batch_size must be >= 1, got {self.batch_size}")
         if self.shard_images < 1:
             raise ConfigError(f"shard_images must be >= 1, got {self.shard_images}")
+        if not self.views or not set(self.views) <= set(VIEWS) or len(set(self.views)) < len(self.views):
+            raise ConfigError(f"views must be distinct names from {', '.join(VIEWS)}, got {list(self.views)}")
+        if self.layers < 1:
+            raise ConfigError(f"layers must be >= 1, got {self.layers}")
 
 
 def key_params(cfg) -> dict:
-    # batch_size and shard_images change how the work is cut, not the vectors (inference is per crop)
-    return {"backbone": weights_key(cfg.backbone), "crop_size": cfg.objects.crop_size}
+    # batch_size and shard_images change how the work is cut, not the vectors (inference is per crop);
+    # settings at version 1's behaviour are left out, so keys made before them stay valid
+    chosen = {name: getattr(cfg.embed, name) for name in LEGACY if getattr(cfg.embed, name) != LEGACY[name]}
+    return {"backbone": weights_key(cfg.backbone), "crop_size": cfg.objects.crop_size,
+            **{name: list(value) if isinstance(value, tuple) else value for name, value in chosen.items()}}
 
 
 def check(ctx: Context, params: Params) -> None:
@@ -56,8 +77,11 @@ def run(ctx: Context, params: Params) -> dict:
     done = _finished_rows(shards)
     pending = [i for i in items if i["key"] not in done and i["objects"] > 0]
     backbone = build_backbone(ctx.cfg.backbone).to(ctx.device) if pending else None
+    if backbone is not None and params.layers > len(_stage_outputs(backbone)):
+        raise ConfigError(f"embed.layers={params.layers}, but {backbone.name} has {len(_stage_outputs(backbone))} stages")
     crops = decoded([records[i["image"]].path for i in pending],
-                    _CropBoxes([object_file(ctx.store, i["objects_key"]) for i in pending], ctx.cfg.objects.crop_size),
+                    _CropViews([object_file(ctx.store, i["objects_key"]) for i in pending], ctx.cfg.objects.crop_size,
+                               params.views),
                     workers=ctx.cfg.workers)
     outputs, chunk, counts, waiting, seen = [], [], [], [], 0
     for index, image_crops, reason in ctx.progress(crops, "embed", total=len(pending)):
@@ -72,7 +96,7 @@ def run(ctx: Context, params: Params) -> dict:
         shard_done = seen == params.shard_images or index == len(pending) - 1
         while sum(map(len, waiting)) >= params.batch_size or (shard_done and sum(map(len, waiting))):
             batch = torch.cat([w for w in waiting if len(w)])
-            outputs.append(_forward(backbone, batch[:params.batch_size], ctx.device))
+            outputs.append(_forward(backbone, batch[:params.batch_size], ctx.device, params))
             waiting = [batch[params.batch_size:]]
         if shard_done and chunk:
             vectors = np.concatenate(outputs) if outputs else np.zeros((0, backbone.dim), np.float32)
@@ -89,26 +113,74 @@ def run(ctx: Context, params: Params) -> dict:
 
 
 @torch.inference_mode()
-def _forward(backbone, crops: torch.Tensor, device: torch.device) -> np.ndarray:
+def _forward(backbone, crops: torch.Tensor, device: torch.device, params: Params) -> np.ndarray:
+    """(objects, dim) unit vectors of (objects, views, 3, S, S) crops: each view (and its mirror) embedded,
+    the vectors averaged."""
+    objects, views = crops.shape[:2]
+    x = crops.flatten(0, 1).to(device, non_blocking=True)
+    if params.flip:
+        x = torch.cat([x, x.flip(-1)])
     autocast = torch.autocast("cuda", dtype=torch.float16) if device.type == "cuda" else contextlib.nullcontext()
     with autocast:
-        vectors = backbone(crops.to(device, non_blocking=True))
-    return F.normalize(vectors.float(), dim=1).cpu().numpy()
+        vectors = backbone(x) if params.layers == 1 else _stage_features(backbone, x, params.layers)
+    vectors = F.normalize(vectors.float(), dim=1).view(-1, objects, views, vectors.shape[1]).mean(dim=(0, 2))
+    return F.normalize(vectors, dim=1).cpu().numpy()
 
 
-class _CropBoxes:
-    """Cuts each box out of the decoded image and resizes it to a square crop (runs in the workers)."""
+def _stage_outputs(backbone) -> list:
+    """The trunk's stage modules, last first: MobileNetV2's last conv and its blocks ending at 320, 96
+    and 32 channels (strides 32, 32, 16, 8), ResNets' layer4 to layer1, ViTs' blocks."""
+    trunk = backbone.trunk
+    if backbone.family == "mobilenet_v2":
+        return [trunk.features[i] for i in (18, 17, 13, 6)]
+    if backbone.family == "resnet":
+        return [trunk.layer4, trunk.layer3, trunk.layer2, trunk.layer1]
+    return list(trunk.blocks)[::-1]
 
-    def __init__(self, object_files: list, size: int):
-        self.object_files, self.size = object_files, size
+
+def _stage_features(backbone, x: torch.Tensor, layers: int) -> torch.Tensor:
+    """The pooled outputs of the last `layers` stages (CNNs: spatial mean; ViTs: the normalised CLS token),
+    each L2-normalised, concatenated in forward order."""
+    captured = []
+    hooks = [m.register_forward_hook(lambda module, inputs, out: captured.append(out))
+             for m in _stage_outputs(backbone)[:layers]]
+    try:
+        backbone(x)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    pooled = [backbone.trunk.norm(out)[:, 0] if backbone.family == "vit" else out.mean(dim=(2, 3)) for out in captured]
+    return torch.cat([F.normalize(p.float(), dim=1) for p in pooled], dim=1)
+
+
+class _CropViews:
+    """Cuts each object's box out of the decoded image as each of `views`, resized to a square crop;
+    (objects, views, 3, size, size) uint8 (runs in the workers)."""
+
+    def __init__(self, object_files: list, size: int, views: tuple[str, ...]):
+        self.object_files, self.size, self.views = object_files, size, views
 
     def __call__(self, index: int, rgb: np.ndarray) -> torch.Tensor:
+        object_map, boxes = load_objects(self.object_files[index])
         crops = []
-        for x0, y0, x1, y1 in load_objects(self.object_files[index])[1]:
+        for object_id, (x0, y0, x1, y1) in enumerate(boxes, start=1):
             crop = rgb[y0:y1, x0:x1]
-            shrink = crop.shape[0] > self.size or crop.shape[1] > self.size
-            crops.append(cv2.resize(crop, (self.size, self.size), interpolation=cv2.INTER_AREA if shrink else cv2.INTER_LINEAR))
-        return torch.from_numpy(np.stack(crops)).permute(0, 3, 1, 2).contiguous()
+            inside = (object_map[y0:y1, x0:x1] == object_id)[..., None]
+            crops.append([self._resized(self._view(view, crop, inside)) for view in self.views])
+        return torch.from_numpy(np.array(crops)).permute(0, 1, 4, 2, 3).contiguous()
+
+    @staticmethod
+    def _view(view: str, crop: np.ndarray, inside: np.ndarray) -> np.ndarray:
+        if view == "context":
+            return crop
+        if view == "grey":
+            return np.where(inside, crop, np.array(GREY, np.uint8))
+        blurred = cv2.GaussianBlur(crop, (0, 0), BLUR_SIGMA * min(crop.shape[:2]) + 1e-3)
+        return np.where(inside, crop, blurred)
+
+    def _resized(self, crop: np.ndarray) -> np.ndarray:
+        shrink = crop.shape[0] > self.size or crop.shape[1] > self.size
+        return cv2.resize(crop, (self.size, self.size), interpolation=cv2.INTER_AREA if shrink else cv2.INTER_LINEAR)
 
 
 def _finished_rows(shards) -> dict[str, tuple[str, int, int]]:
