@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import sys
 from pathlib import Path
@@ -49,13 +50,17 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("--workdir", default=DEFAULT_WORKDIR)
     report.add_argument("--labels", help="ground-truth label PNGs: adds matched classes, purity, confusion and IoU plots")
     report.add_argument("--names", help="names.yaml mapping cluster id -> name, shown in the legend and galleries")
-    report.add_argument("--out", help="report folder (replaced if it holds an earlier report) [WORKDIR/report]")
+    report.add_argument("--out", help="report folder: new, empty, or an earlier report (only its own files are "
+                                      "replaced) [WORKDIR/report]")
     report.add_argument("--clusters", help="show only these cluster ids, e.g. 3,7 (as with export --clusters)")
+    report.add_argument("--classes", type=int, default=21, help="ground-truth classes of --labels, background included [21]")
     evaluate = commands.add_parser("evaluate", help="Hungarian-matched mIoU against ground-truth label PNGs")
     evaluate.add_argument("--workdir", default=DEFAULT_WORKDIR)
     evaluate.add_argument("--labels", required=True, help="folder of label PNGs named like the images")
     evaluate.add_argument("--source", default="pseudo_masks", choices=("pseudo_masks", "segmenter"),
                           help="the pseudo masks, or the trained segmenter's predictions on the same images")
+    evaluate.add_argument("--classes", type=int, default=21,
+                          help="ground-truth classes, background included; a label outside them is an error [21, VOC]")
     predict = commands.add_parser("predict", help="segment a new folder with a trained checkpoint (masks + overlays)")
     predict.add_argument("--checkpoint", required=True, help="a segmenter checkpoint, e.g. WD/cache/train/<key>/best.pt")
     predict.add_argument("--images", required=True)
@@ -100,6 +105,9 @@ def main(argv=None) -> int:
     if leftovers:
         args.overrides = [*args.overrides, *leftovers]
     workdir = getattr(args, "workdir", None)
+    if workdir is not None and Path(workdir).exists() and not Path(workdir).is_dir():
+        print(f"error: --workdir {workdir} is a file, not a folder", file=sys.stderr)
+        return 2
     if workdir is None or not (args.command in CREATES_WORKDIR or Path(workdir).is_dir()):
         return _command(args)
     from pipeline.runlog import logged
@@ -129,12 +137,12 @@ def _command(args) -> int:
         elif args.command == "report":
             from stages.report import report_workdir
 
-            index = report_workdir(args.workdir, args.out, args.labels, args.names, _chosen_clusters(args))
+            index = report_workdir(args.workdir, args.out, args.labels, args.names, _chosen_clusters(args), args.classes)
             print(f"report written: {index}")
         elif args.command == "evaluate":
             from stages.evaluate import evaluate_workdir
 
-            print(json.dumps(evaluate_workdir(args.workdir, args.labels, args.source), indent=1))
+            print(json.dumps(evaluate_workdir(args.workdir, args.labels, args.source, args.classes), indent=1))
         elif args.command == "predict":
             from stages.predict import predict_folder
 
@@ -147,6 +155,14 @@ def _command(args) -> int:
             run_demo(Path(args.workdir), args.images)
     except PipelineError as exc:
         print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except (PermissionError, IsADirectoryError, NotADirectoryError, FileExistsError) as exc:
+        print(f"error: cannot write {exc.filename}: {exc.strerror}", file=sys.stderr)  # e.g. a read-only workdir
+        return 2
+    except OSError as exc:
+        if exc.errno != errno.EROFS:
+            raise
+        print(f"error: cannot write {exc.filename}: {exc.strerror}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("\ninterrupted: finished work is kept; run the same command again to resume", file=sys.stderr)

@@ -19,6 +19,7 @@ import os
 import platform
 import shutil
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Callable, Iterable
@@ -57,6 +58,13 @@ def atomic_write(path: Path, write: Callable[[Path], None]) -> Path:
         if tmp.exists():
             tmp.unlink()
     return path
+
+
+def temp_dir_beside(target: Path) -> Path:
+    """A new empty folder next to `target`, made for this call alone (so removing it can only remove what
+    this call wrote): where a command builds a folder before renaming it into place."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    return Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
 
 
 def write_json(path: Path, payload) -> Path:
@@ -99,8 +107,9 @@ def _pid_alive(pid: int) -> bool:
 
 
 class ArtifactStore:
-    def __init__(self, root: str | Path):
+    def __init__(self, root: str | Path, repair: bool = False):
         self.root = Path(root)
+        self.repair = repair  # only a writer holding the workdir lock moves a damaged entry aside
         # sha256 by (path, inode, size, mtime): entries of one stage share their per-image results, and
         # verifying the older entries, then recording the results in the new one, must hash each file once
         self._digests: dict[tuple, str] = {}
@@ -113,7 +122,8 @@ class ArtifactStore:
         return self.root / stage / "items"
 
     def lookup(self, stage: str, key: str) -> Path | None:
-        """The finished entry, or None when there is none or it failed verification (then it is moved aside)."""
+        """The finished entry, or None when there is none. A damaged one (failed verification) is deleted with
+        its bad per-image results when repairing, so they are recomputed; a reader gets CacheCorruptError."""
         path = self.entry(stage, key)
         if not (path / MANIFEST).is_file():
             return None
@@ -121,6 +131,9 @@ class ArtifactStore:
         if not problems:
             return path
         listed = "; ".join(f"{name}: {why}" for name, why in list(problems.items())[:3])
+        if not self.repair:
+            raise CacheCorruptError(f"cache entry {path} is damaged ({listed}{'; ...' if len(problems) > 3 else ''}); "
+                                    f"run the same `run` command again to recompute it")
         print(f"warning: cache entry {path} is corrupt ({listed}{'; ...' if len(problems) > 3 else ''}); "
               f"it will be recomputed", file=sys.stderr)
         for name in problems:  # a bad per-image result goes with its siblings (a shard's .npy and .json)

@@ -1,4 +1,4 @@
-"""sha256 of input files (model weights, photos under --hash-content), remembered by (path, size, mtime).
+"""sha256 of model files (weights, ONNX models), remembered by (path, size, mtime).
 
 Cache keys name files by content, so a moved weights file keys the same and a file replaced at the same
 path does not. Hashing a 100 MB checkpoint on every command would cost more than a cached rerun, so each

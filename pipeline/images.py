@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps
 
-from pipeline.digests import file_digest
+from pipeline.artifacts import file_sha256
 from pipeline.errors import InputError
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"}
@@ -98,17 +98,16 @@ def is_image_problem(left_out: dict) -> bool:
 
 def fingerprint(path: Path, rel: str, hash_content: bool) -> str:
     if hash_content:
-        return f"{rel}:sha256:{file_digest(path)}"
+        return f"{rel}:sha256:{file_sha256(path)}"  # really hashed: that is what the flag asks for
     stat = path.stat()
     return f"{rel}:{stat.st_size}:{stat.st_mtime_ns}"
 
 
-def dataset_fingerprint(records: list[ImageRecord], left_out: list[dict] = ()) -> str:
+def dataset_fingerprint(records: list[ImageRecord]) -> str:
+    """Of the images used, only: files the scan left out change nothing that is computed."""
     digest = hashlib.sha256()
     for record in records:
         digest.update(record.fingerprint.encode() + b"\n")
-    for entry in left_out:  # so the first stage's list of left-out files is always the folder's
-        digest.update(f"left out {entry['image']}: {entry['reason']}\n".encode())
     return digest.hexdigest()
 
 

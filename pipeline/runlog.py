@@ -35,10 +35,15 @@ def logged(workdir: Path, command: str, argv: list[str], body: Callable[[], int]
     if os.environ.get("RANK", "0") != "0":  # under torchrun, rank 0 alone writes
         return body()
     folder = Path(workdir) / "logs"
-    folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"{time.strftime('%Y%m%d-%H%M%S')}-{command}.log"
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        log_file = open(path, "a", encoding="utf-8")
+    except OSError as exc:  # a read-only workdir: commands that only read must still work there
+        print(f"note: no log written ({folder}: {exc.strerror})", file=sys.stderr)
+        return body()
     started = time.perf_counter()
-    with open(path, "a", encoding="utf-8") as log:  # "a": two invocations in the same second share a file
+    with log_file as log:  # "a": two invocations in the same second share a file
         log.write(f"$ run_pipeline.py {shlex.join(argv)}\n# started {time.strftime('%Y-%m-%dT%H:%M:%S%z')}, pid {os.getpid()}\n")
         log.flush()
         stdout, stderr = sys.stdout, sys.stderr

@@ -11,6 +11,7 @@ import dataclasses
 import errno
 import os
 import shutil
+import sys
 import time
 from pathlib import Path
 from types import ModuleType
@@ -18,8 +19,9 @@ from types import ModuleType
 import torch
 import torch.distributed as dist
 
-from pipeline.artifacts import ArtifactStore, read_json, stable_hash, write_json
-from pipeline.config import Config
+from pipeline import digests
+from pipeline.artifacts import MANIFEST, ArtifactStore, read_json, stable_hash, write_json
+from pipeline.config import Config, load_config_dict
 from pipeline.context import Context
 from pipeline.errors import ConfigError, InputError, StorageError
 from pipeline.heap import fix_mmap_threshold
@@ -27,7 +29,9 @@ from pipeline.images import ImageRecord, dataset_fingerprint, is_image_problem, 
 from pipeline.lock import workdir_lock
 from stages import cluster, embed, objects, pseudo_masks, saliency, train
 
-STATE = "state.json"  # the last invocation's images folder, config and finished keys
+STATE = "state.json"  # the last finished run (images folder, config, keys, files left out) and, under "earlier",
+# the newest earlier run for each other last stage reached
+SHOWN_LEFT_OUT = 20  # files left out by the scan that are printed; the state lists them all
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,29 +58,56 @@ STAGE_NAMES = tuple(s.name for s in STAGES)
 
 @dataclasses.dataclass(frozen=True)
 class Workdir:
+    """A workdir as the commands see it. Readers (status, evaluate, export, report) never repair or delete:
+    a damaged entry is reported and left for `run`, which opens the workdir with `repair=True` under its lock."""
     root: Path
+    repair: bool = False
 
     @property
     def store(self) -> ArtifactStore:
-        return ArtifactStore(self.root / "cache")
+        return ArtifactStore(self.root / "cache", repair=self.repair)
 
-    def state(self) -> dict:
+    def runs(self) -> list[dict]:
+        """Every remembered run (images folder, config, keys of the stages it reached), newest first."""
         path = self.root / STATE
         if not path.is_file():
             raise InputError(f"{self.root} has no finished run yet (no {STATE}); start with `run`")
-        return read_json(path)
+        state = read_json(path)
+        return [{k: v for k, v in state.items() if k != "earlier"}, *state.get("earlier", [])]
 
-    def latest_entry(self, stage: str) -> Path:
-        """The entry of `stage` from the last run, e.g. for evaluate and export."""
-        key = self.state().get("keys", {}).get(stage)
+    def last_run(self, reaching: str) -> dict:
+        """The newest run that reached stage `reaching`: what evaluate, export and report read, so a later
+        partial run (`stage cluster --only ...`) leaves the last complete result reachable, never mixed with it."""
+        for record in self.runs():
+            if reaching in record.get("keys", {}):
+                return record
+        raise InputError(f"{self.root}: no finished {reaching} entry; run the pipeline first")
+
+    def latest_entry(self, stage: str, record: dict | None = None) -> Path:
+        """The entry of `stage` from `record` (default: the newest run that reached it)."""
+        key = (record or self.last_run(stage))["keys"].get(stage)
         entry = self.store.lookup(stage, key) if key else None
         if entry is None:
             raise InputError(f"{self.root}: no finished {stage} entry; run the pipeline first")
         return entry
 
+    def remember(self, record: dict) -> None:
+        """Add a finished run; it replaces the remembered run that reached the same last stage."""
+        try:
+            older = self.runs()
+        except InputError:
+            older = []
+        kept = [r for r in older if _last_stage(r) != _last_stage(record)]
+        write_json(self.root / STATE, {**record, "earlier": kept})
 
-def stage_keys(cfg: Config, images: list[ImageRecord], left_out: list[dict] = ()) -> dict[str, str]:
-    inputs = dataset_fingerprint(images, left_out)
+
+def _last_stage(record: dict) -> str:
+    return max(record.get("keys", {}), key=STAGE_NAMES.index, default="")
+
+
+def stage_keys(cfg: Config, images: list[ImageRecord]) -> dict[str, str]:
+    """Files that are not used (left out by the scan) are in no key: a stray README.txt changes nothing."""
+    inputs = dataset_fingerprint(images)
     keys: dict[str, str] = {}
     for stage in STAGES:
         keys[stage.name] = stable_hash({"stage": stage.name, "version": stage.module.VERSION,
@@ -105,9 +136,12 @@ def run(cfg: Config, images_dir: str | Path, workdir: str | Path, start: str | N
     problems = [e for e in left_out if is_image_problem(e)]
     if cfg.strict and problems:
         raise InputError(f"{problems[0]['image']}: {problems[0]['reason']} (strict mode stops at the first bad image)")
+    first_rank = int(os.environ.get("RANK", "0")) == 0
+    if first_rank:
+        _print_left_out(left_out, Path(workdir) / STATE)
     fix_mmap_threshold()
     # Under torchrun every process runs this; rank 0 holds the lock for all of them.
-    with workdir_lock(workdir) if int(os.environ.get("RANK", "0")) == 0 else contextlib.nullcontext():
+    with workdir_lock(workdir) if first_rank else contextlib.nullcontext():
         return _run(cfg, images, left_out, images_dir, workdir, start, only, log)
 
 
@@ -116,9 +150,10 @@ def _run(cfg: Config, images: list[ImageRecord], left_out: list[dict], images_di
     until = start if only else STAGE_NAMES[-1]
     device = resolve_device(cfg.device)
     set_pixel_limit(cfg.max_pixels)
-    wd = Workdir(Path(workdir))
+    wd = Workdir(Path(workdir), repair=True)
     store = wd.store
-    keys = stage_keys(cfg, images, left_out)
+    keys = stage_keys(cfg, images)
+    digests.save()
     todo = STAGES[:STAGE_NAMES.index(until) + 1]
     to_compute = [s for s in todo if store.lookup(s.name, keys[s.name]) is None]
     for stage in to_compute:  # fail on bad config and missing inputs before any work
@@ -127,7 +162,8 @@ def _run(cfg: Config, images: list[ImageRecord], left_out: list[dict], images_di
             check(Context(cfg, images, store, Path(), {}, device), stage.params(cfg))
     rank = _join_process_group(device, [s.name for s in to_compute])
     torch.manual_seed(cfg.seed)
-    for stage in todo:
+    counts_of: dict[str, dict] = {}  # each finished stage's counts, for the later stages' `check_counts`
+    for position, stage in enumerate(todo):
         key = keys[stage.name]
         started = time.perf_counter()
         if stage in to_compute:
@@ -135,8 +171,7 @@ def _run(cfg: Config, images: list[ImageRecord], left_out: list[dict], images_di
                 for older in store.finished_keys(stage.name):
                     store.lookup(stage.name, older)
             tmp = store.begin(stage.name, key)
-            ctx = Context(cfg, images, store, tmp, {u: store.entry(u, keys[u]) for u in stage.upstream}, device, key,
-                          skipped=list(left_out) if stage is STAGES[0] else [])  # the stage that reads the folder
+            ctx = Context(cfg, images, store, tmp, {u: store.entry(u, keys[u]) for u in stage.upstream}, device, key)
             try:
                 counts = stage.module.run(ctx, stage.params(cfg))
                 seconds = time.perf_counter() - started
@@ -145,7 +180,7 @@ def _run(cfg: Config, images: list[ImageRecord], left_out: list[dict], images_di
                     continue
                 store.commit(stage.name, key, tmp, {
                     "version": stage.module.VERSION, "params": stage.module.key_params(cfg),
-                    "upstream": {u: keys[u] for u in stage.upstream}, "inputs": dataset_fingerprint(images, left_out),
+                    "upstream": {u: keys[u] for u in stage.upstream}, "inputs": dataset_fingerprint(images),
                     "counts": counts, "skipped": ctx.skipped, "seconds": round(seconds, 3)}, uses=ctx.uses)
             except OSError as exc:
                 if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
@@ -156,12 +191,19 @@ def _run(cfg: Config, images: list[ImageRecord], left_out: list[dict], images_di
                                    f"again: finished work is kept") from None
             log(f"{stage.name:<13} computed  {key[:12]}  {seconds:8.1f}s  {_summary(counts)}")
         else:
+            counts = store.manifest(stage.name, key)["counts"]
             log(f"{stage.name:<13} cached    {key[:12]}")
+        counts_of[stage.name] = counts
+        for later in todo[position + 1:]:  # e.g. cluster.k against the object count, before embedding them
+            check_counts = getattr(later.module, "check_counts", None)
+            if check_counts and later in to_compute:
+                check_counts(later.params(cfg), counts_of)
     if rank:
         return keys
-    # Only a complete run becomes the workdir's state, so evaluate and export never mix two configs.
-    write_json(wd.root / STATE, {"images": str(Path(images_dir).resolve()), "config": cfg.to_dict(),
-                                 "keys": {s.name: keys[s.name] for s in todo}})
+    # Only a finished run is remembered, as a whole, so evaluate and export never mix two configs.
+    wd.remember({"images": str(Path(images_dir).resolve()), "config": cfg.to_dict(),
+                 "keys": {s.name: keys[s.name] for s in todo}, "left_out": left_out,
+                 "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
     return keys
 
 
@@ -181,26 +223,43 @@ def _join_process_group(device: torch.device, to_compute: list[str]) -> int:
 
 
 def status(workdir: str | Path) -> list[dict]:
-    """Each stage of the last run's config, against the images folder as it is now: cached / stale / missing."""
-    from pipeline.config import load_config_dict
-
+    """Each stage, in the run that evaluate, export and report would read for it (the newest that reached
+    it), against the images folder as it is now: cached / damaged / stale / missing. Reads only."""
     wd = Workdir(Path(workdir))
-    state = wd.state()
-    cfg = load_config_dict(state["config"])
-    keys = stage_keys(cfg, *scan_images(state["images"], cfg.hash_content))
-    rows = []
+    wd.runs()  # a clear error for a folder that holds no run
+    rows, keys_of = [], {}
     for stage in STAGES:
-        key = keys[stage.name]
-        entry = wd.store.lookup(stage.name, key)
-        if entry is not None:
-            manifest = wd.store.manifest(stage.name, key)
-            rows.append({"stage": stage.name, "status": "cached", "key": key, "bytes": wd.store.size_bytes(stage.name, key),
-                         "seconds": manifest.get("seconds"), "finished": manifest.get("finished")})
+        try:
+            record = wd.last_run(stage.name)
+        except InputError:
+            rows.append({"stage": stage.name, "status": "missing", "key": "", "bytes": None, "seconds": None,
+                         "finished": None})
+            continue
+        if id(record) not in keys_of:
+            cfg = load_config_dict(record["config"])
+            keys_of[id(record)] = stage_keys(cfg, scan_images(record["images"], cfg.hash_content)[0])
+        key = keys_of[id(record)][stage.name]
+        row = {"stage": stage.name, "key": key, "bytes": None, "seconds": None, "finished": None,
+               "run": record.get("finished")}
+        if (wd.store.entry(stage.name, key) / MANIFEST).is_file():
+            if wd.store.verify(stage.name, key):
+                row["status"] = "damaged"  # `run` repairs it
+            else:
+                manifest = wd.store.manifest(stage.name, key)
+                row.update(status="cached", bytes=wd.store.size_bytes(stage.name, key),
+                           seconds=manifest.get("seconds"), finished=manifest.get("finished"))
         else:
-            older = wd.store.finished_keys(stage.name)
-            rows.append({"stage": stage.name, "status": "stale" if older else "missing", "key": key,
-                         "bytes": None, "seconds": None, "finished": None})
+            row["status"] = "stale" if wd.store.finished_keys(stage.name) else "missing"
+        rows.append(row)
     return rows
+
+
+def _print_left_out(left_out: list[dict], listed_in: Path) -> None:
+    """Every file the scan does not use, on the console as the stages print the images they skip."""
+    for entry in left_out[:SHOWN_LEFT_OUT]:
+        print(f"skipped {entry['image']}: {entry['reason']}", file=sys.stderr)
+    if len(left_out) > SHOWN_LEFT_OUT:
+        print(f"skipped {len(left_out) - SHOWN_LEFT_OUT} more files (all listed in {listed_in})", file=sys.stderr)
 
 
 def _summary(counts: dict) -> str:

@@ -85,6 +85,14 @@ def key_params(cfg) -> dict:
     return {**params, "seed": cfg.seed}
 
 
+def check_counts(params: Params, counts: dict[str, dict]) -> None:
+    """Stop as soon as the object count is known (after the objects stage, before embedding) if it is below k."""
+    found = counts.get("objects", {}).get("objects")
+    if found is not None and found < params.k:
+        raise InputError(f"cluster.k={params.k} but only {found} objects were found in "
+                         f"{counts['objects'].get('images')} images; lower cluster.k or objects.min_area")
+
+
 def run(ctx: Context, params: Params) -> dict:
     vectors = np.ascontiguousarray(np.load(ctx.upstream["embed"] / "embeddings.npy"), dtype=np.float32)
     if len(vectors) < params.k:

@@ -9,6 +9,8 @@ is reported as well. Foreground IoU of the saliency masks is reported too.
 """
 from __future__ import annotations
 
+import hashlib
+import sys
 from pathlib import Path
 
 import cv2
@@ -21,6 +23,7 @@ from pipeline.errors import InputError
 from pipeline.images import IMAGE_SUFFIXES, read_label_png, stem_of
 
 IGNORE = 255
+VOC_CLASSES = 21  # PASCAL VOC: background + 20 classes
 
 
 def label_files(labels_dir: Path, images: list[str]) -> dict[str, Path]:
@@ -106,15 +109,20 @@ def foreground_iou(mask_and_label: list[tuple[Path, Path]]) -> dict:
             "images": len(per_image)}
 
 
-def entry_confusion(entry: Path, items: list[dict], labels: dict[str, Path]) -> tuple[np.ndarray, int, int]:
+def entry_confusion(entry: Path, items: list[dict], labels: dict[str, Path],
+                    num_classes: int = VOC_CLASSES) -> tuple[np.ndarray, int, int]:
     """(256x256 confusion, predicted ids, ground-truth classes) of an entry's masks ({image, mask} items)
-    against the labels there are; InputError for a predicted id the entry cannot make."""
+    against the labels there are; InputError for a predicted id the entry cannot make, or a label class
+    outside 0..num_classes - 1 and 255."""
     confusion = np.zeros((256, 256), dtype=np.int64)
     for item in tqdm(items, desc="confusion", disable=None, leave=False):
         if item["image"] in labels:
-            accumulate(confusion, *read_pair(entry / item["mask"], labels[item["image"]]))
-    present = np.flatnonzero(confusion.sum(axis=0))
-    num_classes = int(present.max()) + 1 if len(present) else 1
+            predicted, truth = read_pair(entry / item["mask"], labels[item["image"]])
+            stray_class = np.flatnonzero(np.bincount(truth.ravel(), minlength=256)[num_classes:IGNORE])
+            if len(stray_class):
+                raise InputError(f"{labels[item['image']]}: class {num_classes + int(stray_class[0])} is outside "
+                                 f"0..{num_classes - 1} (and 255 ignore); pass --classes N for a dataset of N classes")
+            accumulate(confusion, predicted, truth)
     num_predicted = read_json(entry / "manifest.json")["counts"]["classes"]
     stray = np.flatnonzero(confusion[num_predicted:IGNORE].sum(axis=1))
     if len(stray):
@@ -125,25 +133,42 @@ def entry_confusion(entry: Path, items: list[dict], labels: dict[str, Path]) -> 
 SOURCES = {"pseudo_masks": "pseudo_masks", "segmenter": "train"}  # what is evaluated -> the stage that made it
 
 
-def evaluate_workdir(workdir: Path, labels_dir: Path, source: str = "pseudo_masks") -> dict:
-    """Metrics of the last run's pseudo masks or segmenter predictions, and of its saliency masks;
-    written to `<workdir>/evaluation/<source>/metrics.json`."""
+def metrics_file(workdir: Path, source: str, labels_dir: Path) -> Path:
+    """One result per (source, label folder): a figure from a partial label set never replaces the full one's."""
+    labels_dir = Path(labels_dir).resolve()
+    digest = hashlib.sha256(str(labels_dir).encode()).hexdigest()[:8]
+    name = "".join(c if c.isalnum() or c in "-_" else "_" for c in labels_dir.name)
+    return Path(workdir) / "evaluation" / source / f"{name}-{digest}" / "metrics.json"
+
+
+def evaluate_workdir(workdir: Path, labels_dir: Path, source: str = "pseudo_masks", num_classes: int = VOC_CLASSES) -> dict:
+    """Metrics of the last run's pseudo masks or segmenter predictions, and of its saliency masks, against
+    labels of `num_classes` classes (background included); written to `metrics_file(...)` when the workdir
+    is writable."""
     from pipeline.artifacts import write_json
     from pipeline.context import ITEMS
     from pipeline.runner import Workdir
     from stages.saliency import mask_file
 
     wd = Workdir(Path(workdir))
-    entry = wd.latest_entry(SOURCES[source])
+    run = wd.last_run(SOURCES[source])
+    entry = wd.latest_entry(SOURCES[source], run)
     items = read_json(entry / ITEMS)
     labels = label_files(Path(labels_dir), [i["image"] for i in items])
-    confusion, num_predicted, num_classes = entry_confusion(entry, items, labels)
-    saliency_items = read_json(wd.latest_entry("saliency") / ITEMS)
-    metrics = {"source": source, "entry": entry.name, "images_evaluated": sum(i["image"] in labels for i in items),
-               "images_without_label": sum(i["image"] not in labels for i in items),
+    missing = sum(i["image"] not in labels for i in items)
+    if missing:
+        print(f"warning: {labels_dir} has labels for {len(items) - missing} of the {len(items)} images; the metrics "
+              f"cover those only", file=sys.stderr)
+    confusion, num_predicted, num_classes = entry_confusion(entry, items, labels, num_classes)
+    saliency_items = read_json(wd.latest_entry("saliency", run) / ITEMS)
+    metrics = {"source": source, "entry": entry.name, "labels": str(Path(labels_dir).resolve()),
+               "images_evaluated": len(items) - missing, "images_without_label": missing,
                **scores(confusion, num_predicted, num_classes),
                "saliency_foreground": foreground_iou([(mask_file(wd.store, i["key"]), labels[i["image"]])
                                                       for i in saliency_items if i["image"] in labels])}
     metrics["miou"] = metrics["hungarian"]["miou"]
-    write_json(wd.root / "evaluation" / source / "metrics.json", metrics)
+    try:
+        write_json(metrics_file(wd.root, source, labels_dir), metrics)
+    except OSError as exc:  # a read-only workdir: the figures are printed all the same
+        print(f"warning: metrics not saved in {wd.root} ({exc.strerror})", file=sys.stderr)
     return metrics

@@ -1,10 +1,12 @@
 """Export: the pseudo-label dataset as a folder a segmentation or detection trainer reads as is.
 
 Both formats:
-  images/<id>.jpg      the photo as the pipeline saw it (original bytes when nothing needed decoding)
+  images/<id>.jpg      the photo as the pipeline saw it (original bytes when nothing needed decoding); <id> is its
+                       relative path without suffix, made safe for list files (see export_id)
   train.txt, val.txt   one <id> per line (VOC ImageSets style); an image is in val when
                        int(sha256(id), 16) % 100 < 10: a fixed 10% that does not move when photos are added
-  meta.json            classes and cluster names, exported clusters, split, config, artifact keys, counts
+  meta.json            classes and cluster names, exported clusters, split, config, artifact keys, counts,
+                       image_of_id (each id's original image name)
 `voc` adds masks/<id>.png: palette PNGs, 0 background, cluster id + 1, 255 ignore.
 `coco` adds annotations.json: one annotation per object of the objects stage (RLE mask, bbox, area,
 category_id = cluster id + 1); objects the cluster stage left as ignore have no category and are left out.
@@ -17,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 from pathlib import Path, PurePosixPath
 from typing import Sequence
@@ -26,7 +29,7 @@ import pycocotools.mask
 from PIL import Image
 from tqdm import tqdm
 
-from pipeline.artifacts import read_json, write_json
+from pipeline.artifacts import read_json, temp_dir_beside, write_json
 from pipeline.context import ITEMS
 from pipeline.errors import CacheCorruptError, InputError
 from pipeline.images import BadImage, load_rgb, read_label_png, stem_of, write_label_png
@@ -36,6 +39,7 @@ from stages.objects import IGNORE, load_objects, object_file
 EXIF_ORIENTATION = 0x0112
 FORMATS = ("voc", "coco")
 VAL_PERCENT = 10
+SAFE_ID = re.compile(r"[A-Za-z0-9._/-]+")
 
 
 def export_workdir(workdir: Path, to: Path, fmt: str = "voc", clusters: Sequence[int] | None = None,
@@ -48,17 +52,16 @@ def export_workdir(workdir: Path, to: Path, fmt: str = "voc", clusters: Sequence
     wd, to = Workdir(Path(workdir)), Path(to)
     if to.exists() and (not to.is_dir() or any(to.iterdir())):
         raise InputError(f"export folder {to} already exists and is not empty; choose another --to")
-    state = wd.state()
-    entry = wd.latest_entry("pseudo_masks")
+    state = wd.last_run("pseudo_masks")
+    entry = wd.latest_entry("pseudo_masks", state)
     k = read_json(entry / "manifest.json")["counts"]["classes"] - 1
     cluster_names = load_names(names, k) if names else {}
     chosen = check_clusters(clusters, k) if clusters is not None else list(range(k))
     items = read_json(entry / ITEMS)
-    objects_keys = {i["image"]: i["objects_key"] for i in read_json(wd.latest_entry("embed") / ITEMS)}
+    objects_keys = {i["image"]: i["objects_key"] for i in read_json(wd.latest_entry("embed", state) / ITEMS)}
     images_root = Path(state["images"])
-    tmp = to.with_name(f"{to.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    ids, reencoded, coco_images, annotations = [], 0, [], []
+    tmp = temp_dir_beside(to)
+    ids, sources, reencoded, coco_images, annotations = [], {}, 0, [], []
     try:
         for item in tqdm(items, desc=f"export {fmt}", disable=None, leave=False):
             image_id = export_id(item["image"])
@@ -75,6 +78,7 @@ def export_workdir(workdir: Path, to: Path, fmt: str = "voc", clusters: Sequence
                 object_map = load_objects(object_file(wd.store, objects_keys[item["image"]]))[0]
                 annotations += object_annotations(object_map, mask, set(chosen), number, len(annotations) + 1)
             ids.append(image_id)
+            sources[image_id] = item["image"]
         val = [i for i in ids if in_val(i)]
         (tmp / "train.txt").write_text("".join(f"{i}\n" for i in ids if not in_val(i)))
         (tmp / "val.txt").write_text("".join(f"{i}\n" for i in val))
@@ -83,13 +87,14 @@ def export_workdir(workdir: Path, to: Path, fmt: str = "voc", clusters: Sequence
             coco = {"info": {"description": "objseg pseudo labels; category id = cluster id + 1"},
                     "images": coco_images, "annotations": annotations, "categories": categories}
             (tmp / "annotations.json").write_text(json.dumps(coco))
-        cluster_manifest = read_json(wd.latest_entry("cluster") / "manifest.json")
+        cluster_manifest = read_json(wd.latest_entry("cluster", state) / "manifest.json")
         meta = {"format": fmt, "num_classes": k + 1, "ignore_index": IGNORE, "classes": class_names(k, cluster_names),
                 "names": {str(c): n for c, n in sorted(cluster_names.items())}, "clusters": chosen,
                 "cluster_sizes": cluster_manifest["counts"]["cluster_sizes"],
                 "split": {"rule": f"val when int(sha256(id), 16) % 100 < {VAL_PERCENT}",
                           "train": len(ids) - len(val), "val": len(val)},
                 "images": len(ids), "reencoded_images": reencoded, "source_images": str(images_root),
+                "image_of_id": sources,
                 "artifact_keys": state["keys"], "config": state["config"]}
         if fmt == "coco":
             meta["annotations"] = len(annotations)
@@ -103,12 +108,18 @@ def export_workdir(workdir: Path, to: Path, fmt: str = "voc", clusters: Sequence
 
 
 def export_id(image: str) -> str:
-    """The image's name in the export (its relative path without suffix); never one that leaves the folder."""
-    image_id = stem_of(image)
-    parts = PurePosixPath(image_id).parts
-    if not parts or image_id.startswith("/") or "\\" in image_id or any(p in (".", "..") for p in parts):
+    """The image's name in the export: its relative path without suffix when that is plain ASCII letters,
+    digits and `._-/` (trainers split list files on whitespace and some choke on other bytes), else that
+    path with every other character as `_` and a hash of the original; meta.json maps ids back to images.
+    Never a name that leaves the folder."""
+    stem = stem_of(image)
+    parts = PurePosixPath(stem).parts
+    if not parts or stem.startswith("/") or "\\" in stem or any(p in (".", "..") for p in parts):
         raise InputError(f"image name {image!r} would be written outside the export folder; rename the photo")
-    return image_id
+    if SAFE_ID.fullmatch(stem):
+        return stem
+    digest = hashlib.sha256(stem.encode()).hexdigest()[:8]
+    return f"{re.sub(r'[^A-Za-z0-9._/-]', '_', stem)}-{digest}"
 
 
 def in_val(image_id: str) -> bool:

@@ -7,6 +7,7 @@ Each mask is written atomically and finished ones are kept, so an interrupted pr
 """
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -15,7 +16,7 @@ from tqdm import tqdm
 
 from pipeline.artifacts import atomic_write, file_sha256, read_json, write_json
 from pipeline.errors import InputError
-from pipeline.images import decoded, label_palette, list_images, write_label_png
+from pipeline.images import decoded, is_image_problem, label_palette, scan_images, write_label_png
 from pipeline.segmenter import segmenter_from_checkpoint
 
 PALETTE = np.array(label_palette(), dtype=np.uint8).reshape(256, 3)
@@ -25,12 +26,18 @@ def predict_folder(checkpoint: Path, images_dir: Path, out: Path, device, worker
     checkpoint, out = Path(checkpoint), Path(out)
     if not checkpoint.is_file():
         raise InputError(f"checkpoint not found: {checkpoint}")
+    if out.exists() and not out.is_dir():
+        raise InputError(f"--out {out} is a file, not a folder; choose another --out")
     digest = file_sha256(checkpoint)
     summary_file = out / "predict.json"
     if summary_file.is_file() and read_json(summary_file).get("checkpoint_sha256") != digest:
         raise InputError(f"{out} holds predictions of another checkpoint; choose another --out")
     model, payload = segmenter_from_checkpoint(checkpoint, device)
-    records = list_images(images_dir)
+    records, left_out = scan_images(images_dir)
+    for entry in left_out:  # as `run` reports them; they are listed in predict.json too
+        if strict and is_image_problem(entry):
+            raise InputError(f"{entry['image']}: {entry['reason']} (strict mode stops at the first bad image)")
+        tqdm.write(f"skipped {entry['image']}: {entry['reason']}", file=sys.stderr)
     masks = [out / "masks" / f"{r.stem}.png" for r in records]
     pending = [i for i, path in enumerate(masks) if not path.is_file()]
     write_json(summary_file, {"checkpoint": str(checkpoint.resolve()), "checkpoint_sha256": digest, "finished": False})
@@ -41,7 +48,7 @@ def predict_folder(checkpoint: Path, images_dir: Path, out: Path, device, worker
         if rgb is None:
             if strict:
                 raise InputError(f"{record.path}: {reason}")
-            tqdm.write(f"skipped {record.rel}: {reason}")
+            tqdm.write(f"skipped {record.rel}: {reason}", file=sys.stderr)
             skipped.append({"image": record.rel, "reason": reason})
             continue
         labels = model.predict(rgb, payload["predict_size"])
@@ -51,7 +58,7 @@ def predict_folder(checkpoint: Path, images_dir: Path, out: Path, device, worker
         atomic_write(masks[pending[index]], lambda tmp: write_label_png(tmp, labels))  # last: marks the image done
     summary = {"checkpoint": str(checkpoint.resolve()), "checkpoint_sha256": digest, "finished": True,
                "images": len(records) - len(skipped), "computed": len(pending) - len(skipped),
-               "num_classes": payload["num_classes"], "skipped": skipped}
+               "num_classes": payload["num_classes"], "skipped": skipped, "left_out": left_out}
     write_json(summary_file, summary)
     return summary
 

@@ -17,6 +17,7 @@ import csv
 import dataclasses
 import os
 import shutil
+import tempfile
 import time
 from collections import defaultdict
 from pathlib import Path
@@ -27,13 +28,13 @@ from PIL import Image
 from tqdm import tqdm
 
 from pipeline import plots
-from pipeline.artifacts import MANIFEST, read_json, write_json
+from pipeline.artifacts import MANIFEST, read_json, temp_dir_beside, write_json
 from pipeline.context import ITEMS
-from pipeline.errors import InputError
+from pipeline.errors import CacheCorruptError, InputError
 from pipeline.images import BadImage, load_rgb, read_label_png, write_label_png
 from pipeline.names import check_clusters, cluster_name, load_names
 from stages import report_html
-from stages.evaluate import SOURCES, entry_confusion, label_files, scores
+from stages.evaluate import SOURCES, VOC_CLASSES, entry_confusion, label_files, scores
 from stages.objects import IGNORE, load_objects, object_file
 from stages.saliency import mask_file
 
@@ -42,7 +43,7 @@ NEAREST = 12  # crops nearest the centroid, per cluster
 RANDOM = 12  # crops drawn from the rest of the cluster
 CROP_SIDE = 128  # longest side of a crop, in pixels
 PANEL_SIDE = 240  # longest side of a sample image's panels
-REPORT_JSON = "report.json"  # also marks a folder as a report that may be replaced
+REPORT_JSON = "report.json"  # its "files" list every file of the report: only those are ever replaced
 
 
 @dataclasses.dataclass(frozen=True)
@@ -55,20 +56,19 @@ class Crop:
 
 
 def report_workdir(workdir: Path, out: Path | None = None, labels: Path | None = None, names: Path | None = None,
-                   clusters: list[int] | None = None) -> Path:
+                   clusters: list[int] | None = None, num_classes: int = VOC_CLASSES) -> Path:
     """Write the report of the last run in `workdir` to `out` (default `workdir/report`); returns its index.html.
     With `clusters`, only those clusters are shown (as with `export --clusters`)."""
     from pipeline.runner import STAGE_NAMES, Workdir
 
     started = time.perf_counter()
     wd = Workdir(Path(workdir))
-    state = wd.state()
+    state = wd.last_run("pseudo_masks")
     out = Path(out) if out else wd.root / "report"
-    if out.exists() and not (out / REPORT_JSON).is_file() and (not out.is_dir() or any(out.iterdir())):
-        raise InputError(f"{out} exists and is not an earlier report; choose another --out")
-    entries = {stage: wd.latest_entry(stage) for stage in ("saliency", "embed", "cluster", "pseudo_masks")}
+    earlier = _earlier_report_files(out)
+    entries = {stage: wd.latest_entry(stage, state) for stage in ("saliency", "embed", "cluster", "pseudo_masks")}
     if "train" in state["keys"]:
-        entries["train"] = wd.latest_entry("train")
+        entries["train"] = wd.latest_entry("train", state)
     manifests = {stage: read_json(wd.store.entry(stage, key) / MANIFEST) for stage, key in state["keys"].items()
                  if wd.store.lookup(stage, key)}
     k = manifests["cluster"]["params"]["k"]
@@ -78,13 +78,16 @@ def report_workdir(workdir: Path, out: Path | None = None, labels: Path | None =
     pseudo_items = read_json(entries["pseudo_masks"] / ITEMS)
     label_paths = label_files(Path(labels), [i["image"] for i in pseudo_items]) if labels else {}
 
-    tmp = out.with_name(f"{out.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        tmp = temp_dir_beside(out)
+    except OSError as exc:
+        raise InputError(f"cannot write the report next to {out}: {exc.strerror}; choose another --out") from None
     for folder in ("crops", "overlays", "plots", "clusters"):
         (tmp / folder).mkdir(parents=True)
     try:
         clusters = _clusters(wd, entries, state, shown, cluster_names, tmp)
-        against_labels = _against_labels(entries["pseudo_masks"], pseudo_items, label_paths, clusters, tmp) if labels else None
+        against_labels = _against_labels(entries["pseudo_masks"], pseudo_items, label_paths, clusters, tmp,
+                                         num_classes) if labels else None
         overlays = _overlays(wd, entries, pseudo_items, label_paths, state, tmp)
         train_log = _train_log(entries.get("train"), tmp)
         plots.cluster_sizes(tmp / "plots" / "cluster_sizes.png", [c["core"] for c in clusters],
@@ -95,30 +98,63 @@ def report_workdir(workdir: Path, out: Path | None = None, labels: Path | None =
                 "clusters": clusters, "selection": selection,
                 "labels": str(labels) if labels else None, "against_labels": against_labels,
                 "evaluations": _evaluations(wd, state), "overlays": overlays, "training": train_log is not None,
-                "stages": _stages(state, manifests, STAGE_NAMES), "skipped": _skipped(manifests), "config": state["config"],
+                "stages": _stages(state, manifests, STAGE_NAMES), "skipped": _skipped(state, manifests), "config": state["config"],
                 "created": time.strftime("%Y-%m-%d %H:%M:%S")}
         for index, cluster in enumerate(clusters):
             (tmp / "clusters" / f"{cluster['id']}.html").write_text(report_html.cluster_page(data, index))
         (tmp / "index.html").write_text(report_html.index_page(data))
         data["seconds"] = round(time.perf_counter() - started, 2)
+        data["files"] = sorted([p.relative_to(tmp).as_posix() for p in tmp.rglob("*") if p.is_file()] + [REPORT_JSON])
         write_json(tmp / REPORT_JSON, data)
-        _replace(tmp, out)
+        _replace(tmp, out, earlier)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out / "index.html"
 
 
-def _replace(tmp: Path, out: Path) -> None:
-    """Move the finished report into place; an earlier report there (checked by the caller) is removed."""
-    if out.is_dir() and not any(out.iterdir()):
-        out.rmdir()
-    if out.exists():
-        old = out.with_name(f"{out.name}.old-{os.getpid()}")
-        os.rename(out, old)
+def _earlier_report_files(out: Path) -> list[str]:
+    """The files of an earlier report at `out` (to be replaced); [] for a new or empty folder. Anything else
+    there, or any file the earlier report did not list as its own, is refused: a report never deletes a
+    file it did not write."""
+    if not out.exists():
+        return []
+    if not out.is_dir():
+        raise InputError(f"--out {out} is a file, not a folder; choose another --out")
+    present = sorted(p.relative_to(out).as_posix() for p in out.rglob("*") if not p.is_dir())
+    if not present:
+        return []
+    try:
+        own = set(read_json(out / REPORT_JSON).get("files", [])) if (out / REPORT_JSON).is_file() else set()
+    except (CacheCorruptError, AttributeError):
+        own = set()
+    foreign = [p for p in present if p not in own]
+    if foreign:
+        more = f" and {len(foreign) - 1} more" if len(foreign) > 1 else ""
+        raise InputError(f"{out} holds files that are not an earlier report of this tool's ({foreign[0]}{more}); "
+                         f"choose another --out")
+    return present
+
+
+def _replace(tmp: Path, out: Path, earlier: list[str]) -> None:
+    """Move the finished report into place. An earlier one there is moved aside, then its own files alone are
+    deleted, and the folders they leave empty."""
+    if out.is_dir() and not earlier:
+        out.rmdir()  # empty, checked by _earlier_report_files
+    if not out.exists():
         os.rename(tmp, out)
-        shutil.rmtree(old)
-    else:
+        return
+    old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+    os.rename(out, old / out.name)
+    try:
         os.rename(tmp, out)
+    except OSError:
+        os.rename(old / out.name, out)  # the earlier report stays where it was
+        raise
+    for name in earlier:
+        (old / out.name / name).unlink(missing_ok=True)
+    for folder in sorted((p for p in old.rglob("*") if p.is_dir()), key=lambda p: len(p.parts), reverse=True):
+        folder.rmdir()  # raises if anything unexpected appeared meanwhile: then it stays
+    old.rmdir()
 
 
 def _clusters(wd, entries: dict, state: dict, shown: list[int], names: dict[int, str], tmp: Path) -> list[dict]:
@@ -176,10 +212,11 @@ def _write_crops(wd, embed_items, image_index, object_id, rows: list[int], image
     return files
 
 
-def _against_labels(entry: Path, items: list[dict], label_paths: dict[str, Path], clusters: list[dict], tmp: Path) -> dict:
+def _against_labels(entry: Path, items: list[dict], label_paths: dict[str, Path], clusters: list[dict], tmp: Path,
+                    num_classes: int) -> dict:
     """Hungarian-matched scores of the pseudo masks; each cluster gets its matched class, majority class and
     purity (the share of its labelled pixels in its majority class); confusion and IoU plots."""
-    confusion, num_predicted, num_classes = entry_confusion(entry, items, label_paths)
+    confusion, num_predicted, num_classes = entry_confusion(entry, items, label_paths, num_classes)
     result = scores(confusion, num_predicted, num_classes)
     assignment = {int(row): cls for row, cls in result["assignment"].items()}
     for cluster in clusters:
@@ -259,17 +296,18 @@ def _train_log(entry: Path | None, tmp: Path) -> list[dict] | None:
 
 
 def _evaluations(wd, state: dict) -> list[dict]:
-    """Metrics that `evaluate` wrote, each marked with whether it is of the last run's entry."""
+    """Metrics that `evaluate` wrote (one per source and label folder), each marked with whether it is of
+    this run's entry and with the labels and image count it used."""
     found = []
     for source, stage in SOURCES.items():
-        path = wd.root / "evaluation" / source / "metrics.json"
-        if path.is_file():
+        for path in sorted((wd.root / "evaluation" / source).glob("*/metrics.json")):
             metrics = read_json(path)
             found.append({"source": source, "current": metrics.get("entry") == state["keys"].get(stage),
                           "miou": metrics.get("miou"), "pixel_accuracy": metrics.get("hungarian", {}).get("pixel_accuracy"),
                           "majority_miou": metrics.get("majority", {}).get("miou"),
                           "saliency_iou": metrics.get("saliency_foreground", {}).get("iou"),
-                          "images": metrics.get("images_evaluated"), "file": str(path)})
+                          "images": metrics.get("images_evaluated"), "without_label": metrics.get("images_without_label"),
+                          "labels": metrics.get("labels"), "file": str(path)})
     return found
 
 
@@ -283,5 +321,7 @@ def _stages(state: dict, manifests: dict, order: tuple[str, ...]) -> list[dict]:
     return rows
 
 
-def _skipped(manifests: dict) -> list[dict]:
-    return [{"stage": stage, **skip} for stage, manifest in manifests.items() for skip in manifest.get("skipped", [])]
+def _skipped(state: dict, manifests: dict) -> list[dict]:
+    """Files the folder scan left out (in no cache key, so kept with the run), then images the stages skipped."""
+    return [*({"stage": "scan", **skip} for skip in state.get("left_out", [])),
+            *({"stage": stage, **skip} for stage, manifest in manifests.items() for skip in manifest.get("skipped", []))]

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 from html import escape
+from pathlib import Path
 
 import yaml
 
@@ -168,11 +169,18 @@ def _evaluation_section(data: dict) -> str:
     rows = "".join(
         f"<tr><td>{escape(e['source'])}</td><td class=num>{_number(e['miou'])}</td><td class=num>{_number(e['majority_miou'])}</td>"
         f"<td class=num>{_number(e['pixel_accuracy'])}</td><td class=num>{_number(e['saliency_iou'])}</td>"
-        f"<td class=num>{e['images'] or ''}</td><td>{'last run' if e['current'] else '<span class=stale>an earlier run</span>'}"
+        f"<td class=num>{e['images'] or ''}{_unlabelled(e)}</td>"
+        f"<td>{escape(Path(e['labels']).name) if e.get('labels') else ''}</td>"
+        f"<td>{'last run' if e['current'] else '<span class=stale>an earlier run</span>'}"
         "</td></tr>" for e in data["evaluations"])
     return ('<h2 id="evaluation">Evaluation</h2><p>From <code>evaluation/*/metrics.json</code>.</p><table><tr><th>source</th>'
-            "<th>mIoU</th><th>majority mIoU</th><th>pixel acc.</th><th>saliency fg IoU</th><th>images</th><th>of</th></tr>"
+            "<th>mIoU</th><th>majority mIoU</th><th>pixel acc.</th><th>saliency fg IoU</th><th>images</th><th>labels</th>"
+            "<th>of</th></tr>"
             f"{rows}</table>")
+
+
+def _unlabelled(evaluation: dict) -> str:
+    return f" ({evaluation['without_label']} without a label)" if evaluation.get("without_label") else ""
 
 
 def _training_section(data: dict) -> str:

@@ -93,7 +93,7 @@ def test_an_edited_manifest_is_not_trusted(images, finished, capfd):
 
 def test_a_changed_pseudo_mask_of_the_same_size_is_caught_by_its_checksum(images, finished):
     workdir, keys, _ = finished
-    store = ArtifactStore(workdir / "cache")
+    store = ArtifactStore(workdir / "cache", repair=True)
     mask = sorted((store.entry("pseudo_masks", keys["pseudo_masks"]) / "masks").iterdir())[0]
     data = bytearray(mask.read_bytes())
     data[-20] ^= 0xFF

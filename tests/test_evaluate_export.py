@@ -12,7 +12,7 @@ from pycocotools.coco import COCO
 from pipeline import runner
 from pipeline.errors import InputError
 from pipeline.images import write_label_png
-from stages.evaluate import accumulate, evaluate_workdir, scores
+from stages.evaluate import accumulate, evaluate_workdir, metrics_file, scores
 from stages.export import export_id, export_workdir, in_val
 from tests.conftest import quiet, tiny_config
 
@@ -53,10 +53,11 @@ def test_over_clustering_reports_majority_voting_too():
 
 def test_evaluate_a_run_against_labels(shapes_dir, images, tmp_path):
     runner.run(tiny_config(), images, tmp_path / "wd", log=quiet)
-    metrics = evaluate_workdir(tmp_path / "wd", shapes_dir / "labels")
+    metrics = evaluate_workdir(tmp_path / "wd", shapes_dir / "labels", num_classes=5)
     assert metrics["images_evaluated"] == 10 and metrics["classes"] == 5 and metrics["predicted_ids"] == 4
     assert 0.0 < metrics["miou"] <= 1.0 and 0.0 < metrics["saliency_foreground"]["iou"] <= 1.0
-    assert json.loads((tmp_path / "wd" / "evaluation" / "pseudo_masks" / "metrics.json").read_text())["miou"] == metrics["miou"]
+    saved = metrics_file(tmp_path / "wd", "pseudo_masks", shapes_dir / "labels")
+    assert json.loads(saved.read_text())["miou"] == metrics["miou"]
 
 
 def test_evaluate_names_a_label_of_the_wrong_size(shapes_dir, images, tmp_path):

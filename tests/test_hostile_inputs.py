@@ -93,7 +93,7 @@ def test_a_hostile_folder_runs_through_and_nothing_is_lost(hostile, tmp_path):
     keys = runner.run(tiny_config(f"max_pixels={PIXEL_LIMIT}"), hostile, tmp_path / "wd", log=lambda line: None)
     cache = tmp_path / "wd" / "cache"
     outputs = {item["image"] for item in read_json(cache / "pseudo_masks" / keys["pseudo_masks"] / "items.json")}
-    skipped = {}
+    skipped = {entry["image"]: entry["reason"] for entry in read_json(tmp_path / "wd" / "state.json")["left_out"]}
     for stage in runner.STAGE_NAMES:
         for entry in read_json(cache / stage / keys[stage] / "manifest.json")["skipped"]:
             skipped[entry["image"]] = entry["reason"]

@@ -81,12 +81,16 @@ def test_report_without_labels_lists_skipped_files_and_replaces_an_earlier_repor
     out = tmp_path / "report"
     report_workdir(workdir, out)
     assert "broken&lt;1&gt;.jpg</td><td>empty file (0 bytes)" in (out / "index.html").read_text()
-    (out / "stale.txt").write_text("from the first report")
     report_workdir(workdir, out)
     data = json.loads((out / "report.json").read_text())
     assert data["against_labels"] is None and "purity" not in data["clusters"][0]
-    assert not (out / "stale.txt").exists() and not (out / "plots" / "confusion.png").exists()
-    assert not list(tmp_path.glob("report.*"))  # no temporary folder left
+    assert not (out / "plots" / "confusion.png").exists()  # the first report's own file, replaced
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["report"]  # no temporary or old folder left
+    (out / "src").mkdir()
+    (out / "src" / "code.py").write_text("a user's file in the report folder")
+    with pytest.raises(InputError, match=r"not an earlier report.*src/code.py"):
+        report_workdir(workdir, out)
+    assert (out / "src" / "code.py").is_file() and (out / "index.html").is_file()
     (tmp_path / "mine").mkdir()
     (tmp_path / "mine" / "notes.txt").write_text("keep me")
     with pytest.raises(InputError, match="not an earlier report"):

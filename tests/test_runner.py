@@ -80,7 +80,7 @@ def test_a_failing_stage_leaves_no_finished_entry_and_keeps_earlier_results(imag
     with pytest.raises(RuntimeError):
         _run(images, tmp_path / "wd", "cluster.k=4")
     store = runner.Workdir(tmp_path / "wd").store
-    bad_key = runner.stage_keys(tiny_config("cluster.k=4"), *runner.scan_images(images))["cluster"]
+    bad_key = runner.stage_keys(tiny_config("cluster.k=4"), runner.scan_images(images)[0])["cluster"]
     assert store.lookup("cluster", bad_key) is None
     assert list((tmp_path / "wd" / "cache" / "cluster").glob(f"{bad_key}.tmp-*"))  # unfinished, never read
     assert read_json(tmp_path / "wd" / "state.json")["keys"] == good  # the last complete run stays current
