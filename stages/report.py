@@ -129,8 +129,8 @@ def _earlier_report_files(out: Path) -> list[str]:
         own = set()
     foreign = [p for p in present if p not in own]
     if foreign:
-        more = f" and {len(foreign) - 1} more" if len(foreign) > 1 else ""
-        raise InputError(f"{out} holds files that are not an earlier report of this tool's ({foreign[0]}{more}); "
+        more = f" and {len(foreign) - 3} more" if len(foreign) > 3 else ""
+        raise InputError(f"{out} holds files that are not an earlier report of this tool's ({', '.join(foreign[:3])}{more}); "
                          f"choose another --out")
     return present
 
