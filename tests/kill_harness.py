@@ -83,16 +83,21 @@ def random_kills(seed: int, per_stage: int, max_delay: float, sigint_every: int 
 
 
 def artifacts(workdir: Path) -> dict[str, bytes]:
-    """The bytes that must not depend on interruptions: pseudo masks, embeddings, saliency masks."""
+    """The bytes that must not depend on interruptions: saliency masks, embeddings, pseudo masks, and on the
+    CPU the trained segmenter: its checkpoints' weights (the files also hold each epoch's seconds) and masks."""
     from pipeline.artifacts import read_json
+    from pipeline.runner import Workdir
+    from pipeline.segmenter import load_checkpoint
 
-    state = read_json(workdir / "state.json")
-    cache, keys = workdir / "cache", state["keys"]
-    found = {f"pseudo_masks/{p.name}": p.read_bytes()
-             for p in sorted((cache / "pseudo_masks" / keys["pseudo_masks"] / "masks").rglob("*.png"))}
-    found["embeddings.npy"] = np.load(cache / "embed" / keys["embed"] / "embeddings.npy").tobytes()
-    for item in read_json(cache / "saliency" / keys["saliency"] / "items.json"):
-        found[f"saliency/{item['image']}"] = (cache / "saliency" / "items" / f"{item['key']}.png").read_bytes()
+    entry = Workdir(workdir).latest_entry
+    found = {f"pseudo_masks/{p.name}": p.read_bytes() for p in sorted((entry("pseudo_masks") / "masks").rglob("*.png"))}
+    found["embeddings.npy"] = np.load(entry("embed") / "embeddings.npy").tobytes()
+    for item in read_json(entry("saliency") / "items.json"):
+        found[f"saliency/{item['image']}"] = (workdir / "cache" / "saliency" / "items" / f"{item['key']}.png").read_bytes()
+    for checkpoint in ("best.pt", "latest.pt"):
+        for name, tensor in load_checkpoint(entry("train") / checkpoint)["model"].items():
+            found[f"train/{checkpoint}/{name}"] = tensor.numpy().tobytes()
+    found |= {f"train/{p.name}": p.read_bytes() for p in sorted((entry("train") / "masks").glob("*.png"))}
     return found
 
 
