@@ -156,8 +156,10 @@ def test_the_runner_holds_the_workdir_lock(images, tmp_path):
             _run(images, tmp_path / "wd")
 
 
-@pytest.mark.parametrize("failing_write", [3, 12, 26])  # a saliency mask, its manifest, an embedding shard
-def test_a_full_disk_stops_with_a_clear_error_and_no_finished_looking_entry(images, tmp_path, monkeypatch, failing_write):
+# the disk fills at a saliency mask, at the saliency entry's manifest, at an embedding shard
+@pytest.mark.parametrize("failing_write, stage_writing", [(3, "saliency"), (12, "saliency"), (26, "embed")])
+def test_a_full_disk_stops_with_a_clear_error_and_no_finished_looking_entry(images, tmp_path, monkeypatch, failing_write,
+                                                                             stage_writing):
     real_replace, writes = os.replace, []
 
     def replace_until_the_disk_is_full(src, dst):  # every cache file is renamed into place by atomic_write
@@ -167,15 +169,18 @@ def test_a_full_disk_stops_with_a_clear_error_and_no_finished_looking_entry(imag
         real_replace(src, dst)
 
     monkeypatch.setattr(os, "replace", replace_until_the_disk_is_full)
-    with pytest.raises(StorageError, match=r"no space left on the device while stage \w+ wrote .*run the same command"):
+    with pytest.raises(StorageError, match=rf"no space left on the device while stage {stage_writing} wrote .*run the same command"):
         _run(images, tmp_path / "wd")
     monkeypatch.setattr(os, "replace", real_replace)
     store = ArtifactStore(tmp_path / "wd" / "cache")
+    finished_before = runner.STAGE_NAMES[:runner.STAGE_NAMES.index(stage_writing)]
     for stage in runner.STAGE_NAMES:
         folder = store.root / stage
         leftovers = [p.name for p in folder.iterdir() if p.name != "items"] if folder.is_dir() else []
-        finished = [name for name in leftovers if store.lookup(stage, name)]
-        assert all(store.verify(stage, name) == {} for name in finished)  # what looks finished is finished
+        looks_finished = [name for name in leftovers if (folder / name / "manifest.json").is_file()]
+        assert len(looks_finished) == (stage in finished_before)  # the stages before kept their entry, none after
+        assert all(store.verify(stage, name) == {} for name in looks_finished)  # what looks finished is finished
         assert not [name for name in leftovers if ".tmp-" in name]  # the failed attempt's folder is gone
-    keys, _ = _run(images, tmp_path / "wd")  # with space again, the run finishes
+    keys, done = _run(images, tmp_path / "wd")  # with space again, the run finishes from where it stopped
     assert store.lookup("pseudo_masks", keys["pseudo_masks"])
+    assert [stage for stage in finished_before if done[stage] != "cached"] == []
