@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -30,8 +31,8 @@ def main() -> None:
     args = parser.parse_args()
     import onnxruntime
 
-    widened = _OnnxSaliency(Params(method="onnx", model=args.model))
-    shipped = _OnnxSaliency(Params(method="onnx", model=args.model))
+    widened = _OnnxSaliency(Params(method="onnx", model=args.model), torch.device("cpu"))
+    shipped = _OnnxSaliency(Params(method="onnx", model=args.model), torch.device("cpu"))
     shipped.session = onnxruntime.InferenceSession(args.model, providers=["CPUExecutionProvider"])
     photos = [load_rgb(r.path) for r in list_images(args.images)[:args.count]]
     seconds = {"float16 as shipped": 0.0, "float32 (the stage)": 0.0}

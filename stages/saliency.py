@@ -130,7 +130,7 @@ def _predictor(ctx: Context, params: Params, masks: dict[str, Path]):
     if params.method == "spectral":
         return functools.partial(_spectral_mask, build_backbone(ctx.cfg.backbone).to(ctx.device), params, ctx.device)
     if params.method == "onnx":
-        return _OnnxSaliency(params)
+        return _OnnxSaliency(params, ctx.device)
     return lambda record, rgb: _read_user_mask(masks[record.rel], rgb.shape[:2], params.threshold)
 
 
@@ -166,31 +166,61 @@ def fiedler_foreground(features: np.ndarray, grid: tuple[int, int], tau: float) 
 # --- onnx: a salient-object model ------------------------------------------------------------------
 
 class _OnnxSaliency:
-    def __init__(self, params: Params):
+    def __init__(self, params: Params, device: torch.device):
+        import onnx
         import onnxruntime
 
         self.params = params
-        providers = _onnx_providers(onnxruntime)
-        model = params.model if "CUDAExecutionProvider" in providers else float32_model(params.model)
-        self.session = onnxruntime.InferenceSession(model, providers=providers)
-        model_input = self.session.get_inputs()[0]
+        providers = _onnx_providers(onnxruntime, device)
+        model = onnx.load(params.model) if "CUDAExecutionProvider" in providers else \
+            onnx.load_from_string(float32_model(params.model))
+        model_input = model.graph.input[0]
         self.input_name = model_input.name
-        fixed = [d for d in model_input.shape[2:] if isinstance(d, int)]
-        if fixed and params.input_size and params.input_size != fixed[0]:
-            raise ConfigError(f"saliency.input_size={params.input_size} but {params.model} takes {fixed[0]}x{fixed[0]} "
-                              f"inputs; leave saliency.input_size=0 to use the model's own")
+        fixed = [d.dim_value for d in model_input.type.tensor_type.shape.dim[2:] if d.dim_value]
         self.side = params.input_size or (fixed[0] if fixed else 0)
         if not self.side:
             raise ConfigError(f"{params.model} has a dynamic input size: set saliency.input_size")
+        if fixed and self.side != fixed[0]:
+            model = at_input_size(model, fixed[0], self.side, params.model)
+        self.session = onnxruntime.InferenceSession(model.SerializeToString(), providers=providers)
         self.output_name = self.session.get_outputs()[0].name
 
     def __call__(self, record, rgb: np.ndarray) -> np.ndarray:
         height, width = rgb.shape[:2]
-        x = cv2.resize(rgb, (self.side, self.side), interpolation=cv2.INTER_LINEAR).astype(np.float32) / 255.0
+        x = cv2.resize(rgb, (self.side, self.side), interpolation=cv2.INTER_AREA if self.side < min(height, width)
+                       else cv2.INTER_LINEAR).astype(np.float32) / 255.0
         x = (x - np.array(self.params.mean, np.float32)) / np.array(self.params.std, np.float32)
         (out,) = self.session.run([self.output_name], {self.input_name: x.transpose(2, 0, 1)[None]})
         prob = cv2.resize(out.reshape(out.shape[-2:]).astype(np.float32), (width, height), interpolation=cv2.INTER_LINEAR)
         return np.where(prob > self.params.threshold, 255, 0).astype(np.uint8)
+
+
+def at_input_size(model, native: int, side: int, name: str):
+    """A fully convolutional model exported at a fixed `native` square input, made to run at `side`.
+    Tracing bakes every upsampling target into the graph as a constant size (ISNet: Resize to
+    Concat(batch and channels of the input, [32, 32])), so those constants are scaled by side / native
+    and the input and output dimensions freed. A size that would not be a whole number is refused."""
+    from onnx import numpy_helper
+
+    producers = {out: node for node in model.graph.node for out in node.output}
+    for node in model.graph.node:
+        if node.op_type != "Resize" or len(node.input) < 4 or node.input[3] not in producers:
+            continue
+        sizes = producers[node.input[3]]
+        for part in (producers.get(i) for i in sizes.input) if sizes.op_type == "Concat" else ():
+            if part is not None and part.op_type == "Constant":
+                value = numpy_helper.to_array(part.attribute[0].t)
+                scaled = value * side // native
+                if (scaled * native != value * side).any():
+                    raise ConfigError(f"saliency.input_size={side}: {name} upsamples to {value.tolist()} at its "
+                                      f"{native}x{native} input, which does not scale to whole pixels at {side}; "
+                                      f"try a multiple of {native // int(np.gcd.reduce(value.astype(int)))}")
+                part.attribute[0].t.CopyFrom(numpy_helper.from_array(scaled.astype(value.dtype)))
+    for value in (*model.graph.input, *model.graph.output):
+        for dim in value.type.tensor_type.shape.dim[2:]:
+            dim.dim_param = "side"
+    del model.graph.value_info[:]  # shapes inferred at `native` no longer hold
+    return model
 
 
 def float32_model(path: str) -> bytes:
@@ -218,9 +248,11 @@ def float32_model(path: str) -> bytes:
     return model.SerializeToString()
 
 
-def _onnx_providers(onnxruntime) -> list[str]:
+def _onnx_providers(onnxruntime, device: torch.device) -> list[str]:
+    """CUDA only when `device` asks for it (and the onnxruntime build has it), never just because it exists."""
     available = onnxruntime.get_available_providers()
-    return [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in available]
+    wanted = ("CUDAExecutionProvider", "CPUExecutionProvider") if device.type == "cuda" else ("CPUExecutionProvider",)
+    return [p for p in wanted if p in available]
 
 
 # --- folder: the user's masks ----------------------------------------------------------------------

@@ -1,0 +1,76 @@
+"""ONNX saliency at another input size than the model was exported at (ISNet: 1024, run at 640 or 512)."""
+from __future__ import annotations
+
+import cv2
+import numpy as np
+import pytest
+import torch
+
+from pipeline.errors import ConfigError
+from stages.saliency import Params, _OnnxSaliency, _onnx_providers, at_input_size
+
+onnx = pytest.importorskip("onnx")
+ort = pytest.importorskip("onnxruntime")
+
+
+def traced_like(side: int):
+    """A model as tracing exports it at `side`: pool to side/4, upsample to the constants side/2 then side
+    (Resize sizes = Concat(Shape(x)[:2], constant)), add the input back (a skip connection), mean, sigmoid."""
+    from onnx import TensorProto, helper
+
+    def const(name, values):
+        return helper.make_node("Constant", [], [name], value=helper.make_tensor(name, TensorProto.INT64, [len(values)], values))
+
+    nodes = [helper.make_node("AveragePool", ["input"], ["pooled"], kernel_shape=[4, 4], strides=[4, 4]),
+             helper.make_node("Shape", ["pooled"], ["shape"]), const("start", [0]), const("end", [2]), const("axis", [0]),
+             helper.make_node("Slice", ["shape", "start", "end", "axis"], ["batch_channels"]),
+             const("half", [side // 2, side // 2]), const("full", [side, side]),
+             helper.make_node("Concat", ["batch_channels", "half"], ["half_size"], axis=0),
+             helper.make_node("Concat", ["batch_channels", "full"], ["full_size"], axis=0),
+             helper.make_node("Resize", ["pooled", "", "", "half_size"], ["up1"], mode="linear"),
+             helper.make_node("Resize", ["up1", "", "", "full_size"], ["up2"], mode="linear"),
+             helper.make_node("Sub", ["input", "up2"], ["detail"]),
+             helper.make_node("ReduceMean", ["detail"], ["mean"], axes=[1], keepdims=1),
+             helper.make_node("Sigmoid", ["mean"], ["output"])]
+    graph = helper.make_graph(nodes, "traced", [helper.make_tensor_value_info("input", TensorProto.FLOAT, [1, 3, side, side])],
+                              [helper.make_tensor_value_info("output", TensorProto.FLOAT, [1, 1, side, side])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    model.ir_version = 8
+    return model
+
+
+def _run(model, x: np.ndarray) -> np.ndarray:
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    return session.run(None, {"input": x})[0]
+
+
+def test_a_traced_model_runs_at_another_size_as_if_exported_there():
+    x = np.random.default_rng(0).normal(size=(1, 3, 32, 32)).astype(np.float32)
+    with pytest.raises(Exception):  # as exported, its baked sizes clash with a smaller input
+        _run(traced_like(64), x)
+    adapted = _run(at_input_size(traced_like(64), 64, 32, "traced.onnx"), x)
+    assert adapted.shape == (1, 1, 32, 32)
+    np.testing.assert_allclose(adapted, _run(traced_like(32), x), rtol=0, atol=1e-6)
+
+
+def test_a_size_that_does_not_scale_to_whole_pixels_is_refused():
+    with pytest.raises(ConfigError, match="input_size=33.*multiple of 2"):
+        at_input_size(traced_like(64), 64, 33, "traced.onnx")
+
+
+def test_the_stage_runs_the_model_at_the_configured_size(tmp_path):
+    path = tmp_path / "traced.onnx"
+    onnx.save(traced_like(64), path)
+    predictor = _OnnxSaliency(Params(method="onnx", model=str(path), input_size=32), torch.device("cpu"))
+    rgb = np.zeros((50, 70, 3), np.uint8)
+    rgb[10:40, 20:50] = 255  # the square's rim stands out from its blurred surround
+    mask = predictor(None, rgb)
+    x = cv2.resize(rgb, (32, 32), interpolation=cv2.INTER_AREA).astype(np.float32) / 255 - 0.5
+    expected = cv2.resize(_run(traced_like(32), x.transpose(2, 0, 1)[None].copy())[0, 0], (70, 50))
+    assert predictor.side == 32 and mask.shape == (50, 70) and 0 < (mask > 0).mean() < 1
+    np.testing.assert_array_equal(mask > 0, expected > 0.5)
+
+
+def test_cuda_is_used_only_when_the_device_asks_for_it():
+    assert _onnx_providers(ort, torch.device("cpu")) == ["CPUExecutionProvider"]
+    assert _onnx_providers(ort, torch.device("cuda"))[-1] == "CPUExecutionProvider"
