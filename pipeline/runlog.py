@@ -13,6 +13,8 @@ import traceback
 from pathlib import Path
 from typing import Callable
 
+from pipeline.lock import LOCK
+
 
 class _Tee:
     """Writes through to the terminal stream and, except for progress-bar redraws, to the log."""
@@ -59,3 +61,18 @@ def logged(workdir: Path, command: str, argv: list[str], body: Callable[[], int]
             sys.stdout, sys.stderr = stdout, stderr
             log.write(f"# exit code {code if code is not None else 'none (uncaught exception)'} after "
                       f"{time.perf_counter() - started:.1f}s\n")
+
+
+def remove_if_unused(workdir: Path) -> None:
+    """Remove a workdir that a rejected command made (a check failed before any work): when all it holds is
+    that command's log and the workdir lock, it is removed; anything else there keeps it all."""
+    workdir = Path(workdir)
+    files = [p for p in workdir.rglob("*") if not p.is_dir()]
+    logs = [p for p in files if p.parent == workdir / "logs" and p.suffix == ".log"]
+    if len(logs) > 1 or any(p not in logs and p != workdir / LOCK for p in files):
+        return
+    for path in files:
+        path.unlink()
+    for folder in sorted((p for p in workdir.rglob("*") if p.is_dir()), key=lambda p: len(p.parts), reverse=True):
+        folder.rmdir()
+    workdir.rmdir()
