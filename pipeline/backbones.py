@@ -1,22 +1,38 @@
 """Frozen feature extractors: DINO ViTs and ResNet-50, torchvision CNNs, a tiny random ViT for tests.
 
-Weights come from `backbone.weights` (a local file) or torch.hub's checkpoint cache; they are never
-downloaded, and random weights are used only when asked for by name (`backbone.weights=random`,
-or the backbone `vit_tiny_random`). Loading is strict: a missing or unexpected key is an error.
+Weights come from `backbone.weights` (a local file) or torch.hub's checkpoint cache; an official file
+missing from the cache is downloaded once from its official URL into the cache, as torch.hub does, and
+verified before it gets its name (see download_official). Random weights are used only when asked for by
+name (`backbone.weights=random`, or the backbone `vit_tiny_random`). Loading is strict: a missing or
+unexpected key is an error.
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import hashlib
+import http.client
+import os
 import re
+import sys
+import urllib.error
+import urllib.parse
+import urllib.request
 from pathlib import Path
 from typing import Literal
 
 import torch
 from torch import nn
 
+from pipeline.artifacts import atomic_write
 from pipeline.digests import file_digest
 from pipeline.errors import ConfigError, WeightsMismatchError, WeightsNotFoundError
+
+MIRROR_ENV = "OBJSEG_WEIGHTS_MIRROR"  # e.g. http://mirror:8000: the official URLs' paths, served from another host
+OFFLINE_ENV = "OBJSEG_OFFLINE"  # 1: never download weights
+DOWNLOAD_TIMEOUT = 30  # seconds to connect, or without data, before a download is given up
+# torch.hub's convention: torchvision's file names end in the first hex digits of the file's sha256
+HASH_IN_NAME = re.compile(r"-([a-f0-9]{8,})\.pth$")
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -104,12 +120,79 @@ def resolve_weights(params: BackboneParams, section: str = "backbone") -> Path |
             raise WeightsNotFoundError(f"{section}.weights={params.weights}: no such file")
         return path
     cached = hub_checkpoint_dir() / spec.checkpoint_file
-    if cached.is_file():
-        return cached
-    raise WeightsNotFoundError(
-        f"no weights for {section} {params.name}: {spec.checkpoint_file} is not in torch.hub's cache.\n"
-        f"  Download {spec.url}\n  and put it at {cached}\n"
-        f"  or pass {section}.weights=/path/to/{spec.checkpoint_file}  ({section}.weights=random for an untrained model)")
+    if not cached.is_file():
+        try:
+            download_official(params.name, cached)
+        except WeightsNotFoundError as exc:  # offline: say where the file goes
+            raise WeightsNotFoundError(
+                f"no weights for {section} {params.name}: {spec.checkpoint_file} is not in torch.hub's cache "
+                f"and was not downloaded ({exc}).\n  Download {spec.url}\n  and put it at {cached}\n"
+                f"  or pass {section}.weights=/path/to/{spec.checkpoint_file}  ({section}.weights=random for an "
+                f"untrained model)") from None
+    return cached
+
+
+def official_url(name: str) -> str:
+    """Where the official weights of backbone `name` are fetched: its official URL, or the same path on the
+    host that OBJSEG_WEIGHTS_MIRROR names."""
+    url, mirror = SPECS[name].url, os.environ.get(MIRROR_ENV, "").rstrip("/")
+    return mirror + urllib.parse.urlsplit(url).path if mirror else url
+
+
+def download_official(name: str, target: Path) -> None:
+    """Download backbone `name`'s official weights to `target` in torch.hub's cache, as torch.hub does (a
+    progress bar, once), but verified before the file gets its name: every byte the server announced
+    (Content-Length), the sha256 prefix a torchvision file name carries (DINO's names carry none, and no
+    hash of theirs is known here), and exactly the trunk's keys and shapes, read with weights_only=True. It is written under a temporary name and renamed only when verified, so an
+    interrupted or refused download leaves nothing the next run trusts. WeightsNotFoundError when offline
+    (or OBJSEG_OFFLINE=1), WeightsMismatchError when what arrived does not verify."""
+    if os.environ.get(OFFLINE_ENV, "") not in ("", "0"):
+        raise WeightsNotFoundError(f"{OFFLINE_ENV} is set")
+    url = official_url(name)
+    try:
+        response = urllib.request.urlopen(url, timeout=DOWNLOAD_TIMEOUT)
+    except (urllib.error.URLError, OSError, http.client.HTTPException) as exc:
+        raise WeightsNotFoundError(f"{url}: {getattr(exc, 'reason', None) or exc}") from None
+    with response:
+        size = int(response.headers.get("Content-Length") or 0) or None
+        print(f"downloading {url} ({f'{size / 1e6:.1f} MB' if size else 'size unknown'}) into torch.hub's cache, "
+              f"once: {target}", file=sys.stderr)
+        atomic_write(target, lambda tmp: _receive(response, tmp, size, url, name))
+    print(f"downloaded and verified {target}", file=sys.stderr)
+
+
+def _receive(response, tmp: Path, size: int | None, url: str, name: str) -> None:
+    from tqdm import tqdm
+
+    received = 0
+    try:
+        with open(tmp, "wb") as out, tqdm(total=size, unit="B", unit_scale=True, unit_divisor=1024,
+                                          desc=SPECS[name].checkpoint_file, disable=None) as bar:
+            while chunk := response.read(1 << 20):
+                out.write(chunk)
+                received += len(chunk)
+                bar.update(len(chunk))
+    except (OSError, http.client.HTTPException) as exc:  # a reset connection, a timeout, an incomplete read
+        raise WeightsMismatchError(f"download of {url} broke off after {received} bytes ({exc}); nothing was "
+                                   f"kept, run again to retry") from None
+    if size is not None and received != size:
+        raise WeightsMismatchError(f"download of {url} broke off: {received} of {size} bytes received; nothing was "
+                                   f"kept, run again to retry")
+    _verify_download(tmp, url, name)
+
+
+def _verify_download(path: Path, url: str, name: str) -> None:
+    hash_prefix = HASH_IN_NAME.search(SPECS[name].checkpoint_file)
+    if hash_prefix:
+        digest = hashlib.sha256(path.read_bytes()).hexdigest()
+        if not digest.startswith(hash_prefix.group(1)):
+            raise WeightsMismatchError(f"download of {url}: its sha256 {digest[:16]}... does not start with "
+                                       f"{hash_prefix.group(1)}, as its name says; not kept")
+    spec = SPECS[name]
+    try:
+        _check_layout(_random_trunk(spec, device="meta"), _to_trunk_layout(load_state_dict(path), spec.family), path)
+    except WeightsMismatchError as exc:
+        raise WeightsMismatchError(f"download of {url} is not {name}'s weights; not kept ({exc})") from None
 
 
 class Backbone(nn.Module):
@@ -190,17 +273,24 @@ def build_trunk(params: BackboneParams, dilated: bool = False, section: str = "b
         raise ConfigError(f"backbone {params.name} is unknown (choose from {', '.join(SPECS)})")
     spec = SPECS[params.name]
     weights = resolve_weights(params, section)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)  # random trunks are reproducible, so their results can be cached
-        trunk = _torchvision("resnet50", replace_stride_with_dilation=[False, True, True])() \
-            if dilated and spec.family == "resnet" else spec.build()
-    if spec.family != "vit":
-        _drop_classifier(trunk, spec.family)
+    trunk = _random_trunk(spec, dilated)
     if dilated and spec.family == "mobilenet_v2":
         _dilate_last_stage(trunk)
     if weights is not None:
         _load_strict(trunk, _to_trunk_layout(load_state_dict(weights), spec.family), weights)
     return trunk, spec.family
+
+
+def _random_trunk(spec: Spec, dilated: bool = False, device: str = "cpu") -> nn.Module:
+    """The trunk of `spec`, classifier removed, with reproducible random weights; on the "meta" device it has
+    the keys and shapes alone (no memory, no time spent on the random init)."""
+    with torch.random.fork_rng(devices=[]), torch.device(device):
+        torch.manual_seed(0)  # random trunks are reproducible, so their results can be cached
+        trunk = _torchvision("resnet50", replace_stride_with_dilation=[False, True, True])() \
+            if dilated and spec.family == "resnet" else spec.build()
+    if spec.family != "vit":
+        _drop_classifier(trunk, spec.family)
+    return trunk
 
 
 def _dilate_last_stage(mobilenet: nn.Module) -> None:
@@ -266,6 +356,12 @@ def _to_trunk_layout(state: dict, family: str) -> dict:
 
 
 def _load_strict(trunk: nn.Module, state: dict, path: Path) -> None:
+    _check_layout(trunk, state, path)
+    trunk.load_state_dict(state, strict=True)
+
+
+def _check_layout(trunk: nn.Module, state: dict, path: Path) -> None:
+    """WeightsMismatchError unless `state` has exactly the trunk's keys, with its shapes."""
     expected = trunk.state_dict()
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
@@ -276,7 +372,6 @@ def _load_strict(trunk: nn.Module, state: dict, path: Path) -> None:
             if keys:
                 parts.append(f"{len(keys)} {label} (e.g. {', '.join(keys[:3])})")
         raise WeightsMismatchError(f"{path} does not fit {type(trunk).__name__}: " + "; ".join(parts))
-    trunk.load_state_dict(state, strict=True)
 
 
 def weights_key(params: BackboneParams, section: str = "backbone") -> dict:
