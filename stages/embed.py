@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from pipeline.artifacts import read_json, save_npy, stable_hash, write_json
 from pipeline.backbones import build_backbone, resolve_weights, weights_key
 from pipeline.context import Context, item_key, write_items
-from pipeline.errors import ConfigError
+from pipeline.errors import ConfigError, InputError
 from pipeline.images import decoded
 from stages.objects import load_objects, object_file
 
@@ -83,29 +83,28 @@ def run(ctx: Context, params: Params) -> dict:
                     _CropViews([object_file(ctx.store, i["objects_key"]) for i in pending], ctx.cfg.objects.crop_size,
                                params.views),
                     workers=ctx.cfg.workers)
-    outputs, chunk, counts, waiting, seen = [], [], [], [], 0
+    outputs, counts, waiting = [], [], []
     for index, image_crops, reason in ctx.progress(crops, "embed", total=len(pending)):
-        seen += 1
-        if image_crops is None:  # decoded by saliency earlier; changed or unreadable since. Not a result: not cached
-            ctx.skip(pending[index]["image"], reason)
-        else:
-            chunk.append(pending[index])
-            counts.append(len(image_crops))
-            waiting.append(image_crops)
+        if image_crops is None:  # the saliency stage decoded it; it changed or became unreadable since.
+            # A failure is not a result: nothing is cached for it, and the same command tries again.
+            raise InputError(f"{pending[index]['image']}: {reason}, though the saliency stage read it; run the "
+                             f"same command again (finished embeddings are kept)")
+        counts.append(len(image_crops))
+        waiting.append(image_crops)
         # Batches never span two shards, so a resumed shard sees exactly the batches it would have.
-        shard_done = seen == params.shard_images or index == len(pending) - 1
+        shard_done = len(counts) == params.shard_images or index == len(pending) - 1
         while sum(map(len, waiting)) >= params.batch_size or (shard_done and sum(map(len, waiting))):
             batch = torch.cat([w for w in waiting if len(w)])
             outputs.append(_forward(backbone, batch[:params.batch_size], ctx.device, params))
             waiting = [batch[params.batch_size:]]
-        if shard_done and chunk:
+        if shard_done:
+            chunk = pending[index + 1 - len(counts):index + 1]
             vectors = np.concatenate(outputs) if outputs else np.zeros((0, backbone.dim), np.float32)
             shard_id = stable_hash([i["key"] for i in chunk])
             save_npy(shards / f"{shard_id}.npy", vectors)
             write_json(shards / f"{shard_id}.json", {"items": [[i["key"], n] for i, n in zip(chunk, counts)]})  # last: marks it finished
             done.update(_shard_rows(shards / f"{shard_id}.json"))
-        if shard_done:
-            outputs, chunk, counts, waiting, seen = [], [], [], [], 0
+            outputs, counts, waiting = [], [], []
     kept = [i for i in items if i["objects"] == 0 or i["key"] in done]
     rows = _gather(ctx, shards, kept, done)
     write_items(ctx.out, [{"image": i["image"], "key": i["key"], "objects_key": i["objects_key"]} for i in kept])

@@ -14,7 +14,7 @@ from PIL import Image
 
 from pipeline import runner
 from pipeline.artifacts import read_json
-from pipeline.errors import ConfigError
+from pipeline.errors import ConfigError, InputError
 from tests.conftest import quiet, tiny_config
 
 
@@ -45,23 +45,26 @@ def _keeping_size_and_mtime(path, data: bytes) -> None:
 
 
 def test_a_photo_that_fails_to_decode_in_embed_is_embedded_once_it_reads_again(images, tmp_path):
+    """A failure is not a result: the embed entry is not made without the photo, and the same command,
+    run again once the photo reads, embeds it (finished shards are reused)."""
     workdir = tmp_path / "wd"
     keys = runner.run(tiny_config(), images, workdir, start="objects", only=True, log=quiet)
     counts = {item["image"]: item["objects"] for item in read_json(_entry(workdir, "objects", keys) / "items.json")}
     victim = images / next(name for name, n in sorted(counts.items()) if n > 0)
     photo = victim.read_bytes()
     _keeping_size_and_mtime(victim, bytes(len(photo)))
-    keys = runner.run(tiny_config(), images, workdir, start="embed", only=True, log=quiet)
-    embed = _entry(workdir, "embed", keys)
-    assert victim.name in [s["image"] for s in read_json(embed / "manifest.json")["skipped"]]
+    with pytest.raises(InputError, match=f"{victim.name}: .*saliency stage read it"):
+        runner.run(tiny_config("embed.shard_images=1"), images, workdir, start="embed", only=True, log=quiet)
+    assert not (workdir / "cache" / "embed" / keys["embed"] / "manifest.json").exists()
+    shards_before = sorted((workdir / "cache" / "embed" / "items").glob("*.json"))
 
     _keeping_size_and_mtime(victim, photo)
-    shutil.copy(images / "shape_0000.jpg", images / "added.jpg")  # a new photo: embed reruns, reusing what it cached
-    keys = runner.run(tiny_config(), images, workdir, start="embed", only=True, log=quiet)
+    keys = runner.run(tiny_config("embed.shard_images=1"), images, workdir, start="embed", only=True, log=quiet)
     embed = _entry(workdir, "embed", keys)
     position = [item["image"] for item in read_json(embed / "items.json")].index(victim.name)
     with np.load(embed / "objects.npz") as rows:
         assert (rows["image_index"] == position).sum() == counts[victim.name]
+    assert set(shards_before) <= set((workdir / "cache" / "embed" / "items").glob("*.json"))  # kept, not redone
 
 
 def test_cluster_ids_must_fit_between_background_0_and_ignore_255():
