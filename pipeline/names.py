@@ -2,15 +2,38 @@
 
 A cluster id is the 0-based cluster index of the cluster stage; its pixels have the value id + 1 in the
 pseudo masks. `names.yaml` maps ids to names, e.g. `3: person` (or `"3": person`); clusters it leaves
-out keep the name `cluster_<id>`.
+out keep the name `cluster_<id>`. The names make the classes of the export and of the report's masks:
+clusters with one name are one class, a cluster named `ignore` becomes ignore (255) and one named
+`background` becomes background (0); the other classes are numbered 1..n in order of their first cluster id.
 """
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
+import numpy as np
 import yaml
 
 from pipeline.errors import InputError
+
+BACKGROUND, IGNORE = "background", "ignore"  # names that send a cluster to mask value 0 or 255
+IGNORE_VALUE = 255
+
+
+@dataclasses.dataclass(frozen=True)
+class Classes:
+    """The classes the cluster names make."""
+    names: tuple[str, ...]  # class value -> name: background, then classes 1..n
+    of_cluster: tuple[int, ...]  # cluster id -> class value (0..n, or 255)
+
+    def value_map(self) -> np.ndarray:
+        """A 256-entry table from pseudo-mask values (cluster id + 1) to class values; 0 and 255 stay."""
+        table = np.arange(256, dtype=np.uint8)
+        table[1:len(self.of_cluster) + 1] = self.of_cluster
+        return table
+
+    def clusters_of(self, value: int) -> list[int]:
+        return [c for c, v in enumerate(self.of_cluster) if v == value]
 
 
 def load_names(path: str | Path, k: int) -> dict[int, str]:
@@ -34,12 +57,15 @@ def load_names(path: str | Path, k: int) -> dict[int, str]:
         if cluster_id in names:
             raise InputError(f"{path}: cluster {cluster_id} is named twice")
         names[cluster_id] = name.strip()
-    seen: dict[str, int] = {}
-    for cluster_id, name in sorted(names.items()):
-        if name in seen:
-            raise InputError(f"{path}: clusters {seen[name]} and {cluster_id} have the same name {name!r}")
-        seen[name] = cluster_id
     return names
+
+
+def classes_of(k: int, names: dict[int, str]) -> Classes:
+    """The classes of a run with `k` clusters named by `names` (see the module's docstring)."""
+    values = {BACKGROUND: 0, IGNORE: IGNORE_VALUE}
+    of_cluster = [values.setdefault(cluster_name(c, names), len(values) - 1) for c in range(k)]
+    classes = sorted((v, n) for n, v in values.items() if v != IGNORE_VALUE)
+    return Classes(tuple(n for _, n in classes), tuple(of_cluster))
 
 
 def parse_clusters(text: str) -> list[int]:
@@ -59,11 +85,6 @@ def check_clusters(clusters, k: int) -> list[int]:
 
 def cluster_name(cluster_id: int, names: dict[int, str]) -> str:
     return names.get(cluster_id, f"cluster_{cluster_id}")
-
-
-def class_names(k: int, names: dict[int, str]) -> list[str]:
-    """Names of the mask values 0..k: background, then each cluster."""
-    return ["background"] + [cluster_name(c, names) for c in range(k)]
 
 
 def _cluster_id(value, k: int, what: str) -> int:

@@ -7,11 +7,14 @@ Both formats:
                        int(sha256(id), 16) % 100 < 10: a fixed 10% that does not move when photos are added
   meta.json            classes and cluster names, exported clusters, split, config, artifact keys, counts,
                        image_of_id (each id's original image name)
-`voc` adds masks/<id>.png: palette PNGs, 0 background, cluster id + 1, 255 ignore.
+`voc` adds masks/<id>.png: palette PNGs, 0 background, classes 1..n, 255 ignore.
 `coco` adds annotations.json: one annotation per object of the objects stage (RLE mask, bbox, area,
-category_id = cluster id + 1); objects the cluster stage left as ignore have no category and are left out.
-`clusters` exports only those clusters: in masks the others' pixels become 255, in COCO their objects are dropped.
-Mask values and category ids stay cluster id + 1 either way, so names.yaml, the report and the export agree.
+category_id = its class); objects the cluster stage left as ignore have no category and are left out.
+The classes come from names.yaml (pipeline.names.classes_of): without it, class = cluster id + 1; clusters
+with one name are one class, numbered in order of their first cluster id; `ignore` sends a cluster to 255,
+`background` to 0. meta.json's class_of_cluster maps every cluster id to its class.
+`clusters` exports only those clusters: in masks the others' pixels become 255, in COCO their objects are
+dropped; the classes are not renumbered, so one names.yaml gives the same numbers with or without it.
 The folder is written under a temporary name and renamed when complete; an existing one is never touched.
 """
 from __future__ import annotations
@@ -33,7 +36,7 @@ from pipeline.artifacts import read_json, temp_dir_beside, write_json
 from pipeline.context import ITEMS
 from pipeline.errors import CacheCorruptError, InputError
 from pipeline.images import BadImage, load_rgb, read_label_png, stem_of, write_label_png
-from pipeline.names import check_clusters, class_names, cluster_name, load_names
+from pipeline.names import check_clusters, classes_of, load_names
 from stages.objects import IGNORE, load_objects, object_file
 
 EXIF_ORIENTATION = 0x0112
@@ -56,6 +59,8 @@ def export_workdir(workdir: Path, to: Path, fmt: str = "voc", clusters: Sequence
     entry = wd.latest_entry("pseudo_masks", state)
     k = read_json(entry / "manifest.json")["counts"]["classes"] - 1
     cluster_names = load_names(names, k) if names else {}
+    classes = classes_of(k, cluster_names)
+    class_of_value = classes.value_map()
     chosen = check_clusters(clusters, k) if clusters is not None else list(range(k))
     items = read_json(entry / ITEMS)
     objects_keys = {i["image"]: i["objects_key"] for i in read_json(wd.latest_entry("embed", state) / ITEMS)}
@@ -70,25 +75,28 @@ def export_workdir(workdir: Path, to: Path, fmt: str = "voc", clusters: Sequence
             reencoded += _write_image(images_root / item["image"], target)
             mask = read_label_png(entry / item["mask"])
             if fmt == "voc":
-                write_label_png(tmp / "masks" / f"{image_id}.png", keep_clusters(mask, chosen, k))
+                write_label_png(tmp / "masks" / f"{image_id}.png", class_of_value[keep_clusters(mask, chosen, k)])
             else:
                 number = len(coco_images) + 1
                 coco_images.append({"id": number, "file_name": f"{image_id}.jpg", "height": mask.shape[0],
                                     "width": mask.shape[1]})
                 object_map = load_objects(object_file(wd.store, objects_keys[item["image"]]))[0]
-                annotations += object_annotations(object_map, mask, set(chosen), number, len(annotations) + 1)
+                annotations += object_annotations(object_map, mask, set(chosen), class_of_value, number,
+                                                  len(annotations) + 1)
             ids.append(image_id)
             sources[image_id] = item["image"]
         val = [i for i in ids if in_val(i)]
         (tmp / "train.txt").write_text("".join(f"{i}\n" for i in ids if not in_val(i)))
         (tmp / "val.txt").write_text("".join(f"{i}\n" for i in val))
         if fmt == "coco":
-            categories = [{"id": c + 1, "name": cluster_name(c, cluster_names), "supercategory": "cluster"} for c in chosen]
-            coco = {"info": {"description": "objseg pseudo labels; category id = cluster id + 1"},
+            exported = sorted({classes.of_cluster[c] for c in chosen} - {0, IGNORE})
+            categories = [{"id": v, "name": classes.names[v], "supercategory": "cluster"} for v in exported]
+            coco = {"info": {"description": "objseg pseudo labels; category ids as in meta.json's class_of_cluster"},
                     "images": coco_images, "annotations": annotations, "categories": categories}
             (tmp / "annotations.json").write_text(json.dumps(coco))
         cluster_manifest = read_json(wd.latest_entry("cluster", state) / "manifest.json")
-        meta = {"format": fmt, "num_classes": k + 1, "ignore_index": IGNORE, "classes": class_names(k, cluster_names),
+        meta = {"format": fmt, "num_classes": len(classes.names), "ignore_index": IGNORE, "classes": list(classes.names),
+                "class_of_cluster": {str(c): v for c, v in enumerate(classes.of_cluster)},
                 "names": {str(c): n for c, n in sorted(cluster_names.items())}, "clusters": chosen,
                 "cluster_sizes": cluster_manifest["counts"]["cluster_sizes"],
                 "split": {"rule": f"val when int(sha256(id), 16) % 100 < {VAL_PERCENT}",
@@ -135,9 +143,10 @@ def keep_clusters(mask: np.ndarray, chosen: list[int], k: int) -> np.ndarray:
     return np.where(keep[mask], mask, IGNORE).astype(np.uint8)
 
 
-def object_annotations(object_map: np.ndarray, mask: np.ndarray, chosen: set[int], image_number: int,
-                       first_id: int) -> list[dict]:
-    """COCO annotations of one image's objects, each with the cluster its pixels carry in the pseudo mask."""
+def object_annotations(object_map: np.ndarray, mask: np.ndarray, chosen: set[int], class_of_value: np.ndarray,
+                       image_number: int, first_id: int) -> list[dict]:
+    """COCO annotations of one image's objects, each with the class of the cluster its pixels carry in the
+    pseudo mask; objects of ignore, of background and of clusters not chosen are left out."""
     if object_map.shape != mask.shape:
         raise CacheCorruptError(f"object map {object_map.shape} and pseudo mask {mask.shape} of image {image_number} differ")
     annotations = []
@@ -146,10 +155,11 @@ def object_annotations(object_map: np.ndarray, mask: np.ndarray, chosen: set[int
         values = np.unique(mask[pixels]).tolist()
         if len(values) != 1:
             raise CacheCorruptError(f"object {object_id} of image {image_number} has pseudo labels {values}")
-        if values[0] == IGNORE or values[0] - 1 not in chosen:
+        category = int(class_of_value[values[0]])
+        if values[0] == IGNORE or values[0] - 1 not in chosen or category in (0, IGNORE):
             continue
         rle = pycocotools.mask.encode(np.asfortranarray(pixels.astype(np.uint8)))
-        annotations.append({"id": first_id + len(annotations), "image_id": image_number, "category_id": int(values[0]),
+        annotations.append({"id": first_id + len(annotations), "image_id": image_number, "category_id": category,
                             "segmentation": {"size": rle["size"], "counts": rle["counts"].decode("ascii")},
                             "area": int(pycocotools.mask.area(rle)),
                             "bbox": [float(v) for v in pycocotools.mask.toBbox(rle)], "iscrowd": 0})

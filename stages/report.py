@@ -32,7 +32,7 @@ from pipeline.artifacts import MANIFEST, read_json, temp_dir_beside, write_json
 from pipeline.context import ITEMS
 from pipeline.errors import CacheCorruptError, InputError
 from pipeline.images import BadImage, load_rgb, read_label_png, write_label_png
-from pipeline.names import check_clusters, cluster_name, load_names
+from pipeline.names import check_clusters, classes_of, cluster_name, load_names
 from stages import report_html
 from stages.evaluate import SOURCES, VOC_CLASSES, entry_confusion, label_files, scores
 from stages.objects import IGNORE, load_objects, object_file
@@ -73,6 +73,7 @@ def report_workdir(workdir: Path, out: Path | None = None, labels: Path | None =
                  if wd.store.lookup(stage, key)}
     k = manifests["cluster"]["params"]["k"]
     cluster_names = load_names(names, k) if names else {}
+    classes = classes_of(k, cluster_names)
     selection = check_clusters(clusters, k) if clusters is not None else None
     shown = selection or list(range(k))
     pseudo_items = read_json(entries["pseudo_masks"] / ITEMS)
@@ -85,16 +86,16 @@ def report_workdir(workdir: Path, out: Path | None = None, labels: Path | None =
     for folder in ("crops", "overlays", "plots", "clusters"):
         (tmp / folder).mkdir(parents=True)
     try:
-        clusters = _clusters(wd, entries, state, shown, cluster_names, tmp)
+        clusters = _clusters(wd, entries, state, shown, cluster_names, classes.of_cluster, tmp)
         against_labels = _against_labels(entries["pseudo_masks"], pseudo_items, label_paths, clusters, tmp,
                                          num_classes) if labels else None
-        overlays = _overlays(wd, entries, pseudo_items, label_paths, state, tmp)
+        overlays = _overlays(wd, entries, pseudo_items, label_paths, state, classes.value_map(), tmp)
         train_log = _train_log(entries.get("train"), tmp)
         plots.cluster_sizes(tmp / "plots" / "cluster_sizes.png", [c["core"] for c in clusters],
                             [c["objects"] - c["core"] for c in clusters], [c["name"] for c in clusters])
         data = {"workdir": str(wd.root.resolve()), "images_folder": state["images"], "images": len(pseudo_items),
                 "objects": manifests["cluster"]["counts"]["objects"], "k": k,
-                "names": {str(c): n for c, n in sorted(cluster_names.items())},
+                "names": {str(c): n for c, n in sorted(cluster_names.items())}, "classes": list(classes.names),
                 "clusters": clusters, "selection": selection,
                 "labels": str(labels) if labels else None, "against_labels": against_labels,
                 "evaluations": _evaluations(wd, state), "overlays": overlays, "training": train_log is not None,
@@ -157,8 +158,10 @@ def _replace(tmp: Path, out: Path, earlier: list[str]) -> None:
     old.rmdir()
 
 
-def _clusters(wd, entries: dict, state: dict, shown: list[int], names: dict[int, str], tmp: Path) -> list[dict]:
-    """Each cluster's size and crops: the NEAREST to its centroid and RANDOM of the others, written as JPEGs."""
+def _clusters(wd, entries: dict, state: dict, shown: list[int], names: dict[int, str], class_of: tuple[int, ...],
+              tmp: Path) -> list[dict]:
+    """Each cluster's size, class (the value its pixels get in the report's masks and the export) and crops:
+    the NEAREST to its centroid and RANDOM of the others, written as JPEGs."""
     assignment = np.load(entries["cluster"] / "assignments.npy")
     distance = np.load(entries["cluster"] / "distances.npy")
     core = np.load(entries["cluster"] / "core.npy")
@@ -183,7 +186,8 @@ def _clusters(wd, entries: dict, state: dict, shown: list[int], names: dict[int,
     clusters = []
     for cluster_id, (nearest, sample) in chosen.items():
         members = assignment == cluster_id
-        clusters.append({"id": cluster_id, "value": cluster_id + 1, "name": cluster_name(cluster_id, names),
+        clusters.append({"id": cluster_id, "value": cluster_id + 1, "class_value": class_of[cluster_id],
+                         "name": cluster_name(cluster_id, names),
                          "named": cluster_id in names, "objects": int(members.sum()), "core": int((members & core).sum()),
                          "nearest": crops(nearest), "random": crops(sample)})
     return clusters
@@ -236,8 +240,10 @@ def _against_labels(entry: Path, items: list[dict], label_paths: dict[str, Path]
     return {"images": sum(i["image"] in label_paths for i in items), "classes": num_classes, **result}
 
 
-def _overlays(wd, entries: dict, items: list[dict], label_paths: dict[str, Path], state: dict, tmp: Path) -> list[dict]:
-    """Up to SAMPLE_IMAGES photos spread over the run, each with its masks as panels of the same size."""
+def _overlays(wd, entries: dict, items: list[dict], label_paths: dict[str, Path], state: dict,
+              class_of_value: np.ndarray, tmp: Path) -> list[dict]:
+    """Up to SAMPLE_IMAGES photos spread over the run, each with its masks as panels of the same size; the
+    pseudo masks and the segmenter's in the classes the cluster names make (as the export writes them)."""
     saliency = {i["image"]: mask_file(wd.store, i["key"]) for i in read_json(entries["saliency"] / ITEMS)}
     segmenter = ({i["image"]: entries["train"] / i["mask"] for i in read_json(entries["train"] / ITEMS)}
                  if "train" in entries else {})
@@ -256,11 +262,12 @@ def _overlays(wd, entries: dict, items: list[dict], label_paths: dict[str, Path]
                "photo": f"overlays/{number}-photo.jpg"}
         Image.fromarray(rgb).resize(size, Image.Resampling.LANCZOS).save(tmp / row["photo"], format="JPEG", quality=85)
         row["saliency"] = _mask_panel(_read_gray(saliency.get(item["image"])), size, tmp, f"overlays/{number}-saliency.png", gray=True)
-        row["pseudo_mask"] = _mask_panel(read_label_png(entries["pseudo_masks"] / item["mask"]), size, tmp,
-                                         f"overlays/{number}-pseudo.png")
+        row["pseudo_mask"] = _mask_panel(class_of_value[read_label_png(entries["pseudo_masks"] / item["mask"])], size,
+                                         tmp, f"overlays/{number}-pseudo.png")
         if segmenter:
             path = segmenter.get(item["image"])
-            row["segmenter"] = _mask_panel(read_label_png(path) if path else None, size, tmp, f"overlays/{number}-segmenter.png")
+            row["segmenter"] = _mask_panel(class_of_value[read_label_png(path)] if path else None, size, tmp,
+                                           f"overlays/{number}-segmenter.png")
         if label_paths:
             path = label_paths.get(item["image"])
             row["ground_truth"] = _mask_panel(read_label_png(path) if path else None, size, tmp, f"overlays/{number}-truth.png")

@@ -6,6 +6,7 @@ Every text that comes from the run (image names, cluster names, config) is escap
 from __future__ import annotations
 
 import json
+from collections import defaultdict
 from html import escape
 from pathlib import Path
 
@@ -14,6 +15,7 @@ import yaml
 from pipeline.images import label_palette
 
 _PALETTE = label_palette()
+IGNORE = 255
 MAX_SKIPPED_ROWS = 200
 PREVIEW = 6  # crops per cluster on the index page
 
@@ -53,6 +55,10 @@ def _img(src: str, alt: str, prefix: str = "", width: int | None = None, height:
     return f'<img src="{escape(prefix + src)}" alt="{escape(alt)}"{size}>'
 
 
+def _class_value(value: int) -> str:
+    return {0: "background (0)", IGNORE: "ignore (255)"}.get(value, f"class value {value}")
+
+
 def _percent(value) -> str:
     return "" if value is None else f"{100 * value:.1f}%"
 
@@ -66,11 +72,20 @@ def _class(value) -> str:
 
 
 def _legend(data: dict) -> str:
-    """Mask colours and names: background, every cluster (mask value = id + 1), ignore."""
-    entries = [f"<span>{_swatch(0)}background</span>"]
-    entries += [f"<span>{_swatch(c['value'])}{c['id']}: {escape(c['name'])}</span>" for c in data["clusters"]]
-    entries.append(f"<span>{_swatch(255)}ignore</span>")
+    """Mask colours and names: background, each class with the cluster ids that make it, ignore."""
+    members = defaultdict(list)
+    for cluster in data["clusters"]:
+        members[cluster["class_value"]].append(cluster["id"])
+    names = {**dict(enumerate(data["classes"])), IGNORE: "ignore"}
+    values = [0, *sorted(v for v in members if v not in (0, IGNORE)), IGNORE]
+    entries = [f"<span>{_swatch(v)}{escape(names[v])}{_cluster_ids(members.get(v, []))}</span>" for v in values]
     return f'<p class="legend">{"".join(entries)}</p>'
+
+
+def _cluster_ids(ids: list[int]) -> str:
+    if not ids:
+        return ""
+    return f" (cluster{'s' if len(ids) > 1 else ''} {', '.join(map(str, ids))})"
 
 
 def _crop_figure(crop: dict, prefix: str) -> str:
@@ -89,13 +104,14 @@ def cluster_page(data: dict, index: int) -> str:
         links.append(f'<a href="{clusters[index - 1]["id"]}.html">&larr; {escape(clusters[index - 1]["name"])}</a>')
     if index + 1 < len(clusters):
         links.append(f'<a href="{clusters[index + 1]["id"]}.html">{escape(clusters[index + 1]["name"])} &rarr;</a>')
-    facts = [f"cluster id {cluster['id']}, mask value {cluster['value']}",
+    facts = [f"cluster id {cluster['id']}, mask value {cluster['value']} in the pseudo masks; "
+             f"{_class_value(cluster['class_value'])} in the export and in the report's masks",
              f"{cluster['objects']} objects, {cluster['core']} in the core (the others are ignore in the pseudo masks)"]
     if data["against_labels"]:
         facts.append(f"matched class: {_class(cluster.get('matched_class')) or 'none'}; purity {_percent(cluster.get('purity'))}"
                      f" ({_class(cluster.get('majority_class'))})")
     random_title = f"Random sample of the others ({len(cluster['random'])} of {max(cluster['objects'] - len(cluster['nearest']), 0)})"
-    body = [f"<nav>{''.join(links)}</nav>", f"<h1>{_swatch(cluster['value'])}{escape(cluster['name'])}</h1>",
+    body = [f"<nav>{''.join(links)}</nav>", f"<h1>{_swatch(cluster['class_value'])}{escape(cluster['name'])}</h1>",
             f"<p>{'<br>'.join(facts)}</p>",
             "<p>Captions: photo and cosine distance to the centroid; a dashed frame marks an object outside the core.</p>"]
     for title, crops in ((f"Nearest the centroid ({len(cluster['nearest'])})", cluster["nearest"]),
@@ -127,7 +143,7 @@ def _clusters_section(data: dict) -> str:
     rows = []
     for c in data["clusters"]:
         preview = "".join(_img(x["file"], x["image"]) for x in c["nearest"][:PREVIEW] if x["file"])
-        cells = [_swatch(c["value"]), str(c["id"]), f'<a href="clusters/{c["id"]}.html">{escape(c["name"])}</a>',
+        cells = [_swatch(c["class_value"]), str(c["id"]), f'<a href="clusters/{c["id"]}.html">{escape(c["name"])}</a>',
                  f'<span class="num">{c["objects"]}</span>', f'<span class="num">{c["core"]}</span>']
         if labelled:
             cells += [_class(c.get("matched_class")),
@@ -136,7 +152,8 @@ def _clusters_section(data: dict) -> str:
         rows.append("<tr>" + "".join(f"<td>{cell}</td>" for cell in cells) + "</tr>")
     names_hint = ("" if any(c["named"] for c in data["clusters"]) else
                   "<p>Name clusters in a <code>names.yaml</code> (<code>3: person</code>, one line per cluster id) and pass "
-                  "it with <code>--names</code> to <code>report</code> and <code>export</code>.</p>")
+                  "it with <code>--names</code> to <code>report</code> and <code>export</code>; one name for two ids "
+                  "merges them into one class, the name <code>ignore</code> drops a cluster.</p>")
     purity = ("<p>Matched class: Hungarian matching over the dataset; purity: the share of the cluster's labelled pixels "
               "in its most frequent class (named after the share).</p>" if labelled else "")
     return (f'<h2 id="clusters">Clusters</h2>{_legend(data)}{names_hint}'

@@ -1,5 +1,6 @@
-"""What a new user meets first: the help, the demo's weights, commands that take the images folder from the
-workdir, rejected command lines that leave nothing behind, and the config of the last run as a file."""
+"""First contact and daily use: the help, the demo's weights, commands that take the images folder from the
+workdir, rejected command lines that leave nothing behind, the config of the last run as a file, and the
+classes that names.yaml makes (merged and dropped clusters) in the export and the report."""
 from __future__ import annotations
 
 import argparse
@@ -7,6 +8,7 @@ import json
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 import yaml
 
@@ -137,3 +139,68 @@ def test_a_workdir_with_work_in_it_is_kept_when_a_command_fails(tmp_path):
     (workdir / "lock").write_text("")
     remove_if_unused(workdir)
     assert not workdir.exists()
+
+
+# ---------------------------------------------------------------- merging and dropping clusters by name
+
+
+MERGE = "0: shapes\n1: shapes\n2: ignore\n"  # clusters 0 and 1 are one class, cluster 2 is dropped
+
+
+def _names_file(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "names.yaml"
+    path.write_text(text)
+    return path
+
+
+def test_one_name_merges_clusters_and_ignore_drops_one_in_the_voc_export(finished_run, tmp_path):
+    from pipeline.images import read_label_png
+    from stages.export import export_workdir
+
+    workdir = finished_run[0]
+    export_workdir(workdir, tmp_path / "plain")
+    meta = export_workdir(workdir, tmp_path / "merged", names=_names_file(tmp_path, MERGE))
+    assert meta["classes"] == ["background", "shapes"] and meta["num_classes"] == 2
+    assert meta["class_of_cluster"] == {"0": 1, "1": 1, "2": 255}
+    assert json.loads((tmp_path / "merged" / "meta.json").read_text())["class_of_cluster"] == meta["class_of_cluster"]
+    merged_values = set()
+    for mask in sorted((tmp_path / "plain" / "masks").glob("*.png")):
+        plain = read_label_png(mask)
+        merged = read_label_png(tmp_path / "merged" / "masks" / mask.name)
+        expected = np.select([plain == 0, (plain == 1) | (plain == 2), plain == 3], [0, 1, 255], 255)
+        assert np.array_equal(merged, expected), mask.name
+        merged_values |= set(np.unique(merged).tolist())
+    assert merged_values == {0, 1, 255}
+    order = export_workdir(workdir, tmp_path / "order", names=_names_file(tmp_path, "1: a\n0: b\n2: a\n"))
+    assert order["classes"] == ["background", "b", "a"] and order["class_of_cluster"] == {"0": 1, "1": 2, "2": 2}
+
+
+def test_merged_and_dropped_clusters_in_the_coco_export(finished_run, tmp_path):
+    from stages.export import export_workdir
+
+    workdir = finished_run[0]
+    export_workdir(workdir, tmp_path / "plain", "coco")
+    export_workdir(workdir, tmp_path / "merged", "coco", names=_names_file(tmp_path, MERGE))
+    plain, merged = (json.loads((tmp_path / name / "annotations.json").read_text()) for name in ("plain", "merged"))
+    assert merged["categories"] == [{"id": 1, "name": "shapes", "supercategory": "cluster"}]
+    kept = [a for a in plain["annotations"] if a["category_id"] in (1, 2)]  # clusters 0 and 1
+    assert kept and len(kept) < len(plain["annotations"])  # the tiny run has objects in cluster 2 to drop
+    assert [(a["image_id"], a["bbox"]) for a in merged["annotations"]] == [(a["image_id"], a["bbox"]) for a in kept]
+    assert {a["category_id"] for a in merged["annotations"]} == {1}
+
+
+def test_the_reports_legend_and_masks_show_the_merged_classes(finished_run, tmp_path):
+    from PIL import Image
+
+    from stages.report import report_workdir
+
+    index = report_workdir(finished_run[0], tmp_path / "report", names=_names_file(tmp_path, MERGE))
+    data = json.loads((index.parent / "report.json").read_text())
+    assert data["classes"] == ["background", "shapes"]
+    assert [c["class_value"] for c in data["clusters"]] == [1, 1, 255] and [c["value"] for c in data["clusters"]] == [1, 2, 3]
+    html = index.read_text()
+    assert "shapes (clusters 0, 1)" in html and "ignore (cluster 2)" in html
+    values = set()
+    for row in data["overlays"]:
+        values |= set(np.unique(np.array(Image.open(index.parent / row["pseudo_mask"]))).tolist())
+    assert values <= {0, 1, 255} and 1 in values

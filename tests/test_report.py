@@ -102,7 +102,6 @@ def test_report_without_labels_lists_skipped_files_and_replaces_an_earlier_repor
     ("- discs\n- rings\n", "must map cluster ids to names"),
     ("7: discs\n", "7 is not a cluster of this run"),
     ("0: 5\n", "name of cluster 0 must be a non-empty string"),
-    ("0: discs\n1: discs\n", "clusters 0 and 1 have the same name 'discs'"),
     ("0: discs\n'0': rings\n", "cluster 0 is named twice"),
     ("true: discs\n", "True is not a cluster id"),
     ("0: [discs\n", "not valid YAML"),
