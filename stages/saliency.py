@@ -6,7 +6,7 @@ as in TokenCut and Deep Spectral Methods) splits the image in two; the side touc
 patches is foreground (TokenCut picks the side of the largest eigenvector entry instead; the
 border rule found more of VOC's objects with our stand-in backbone, see the README). `onnx` runs any salient-object model exported to ONNX; `folder`
 reads the user's own masks (e.g. DeepUSPS outputs). Output: an 8-bit 0/255 PNG per image, at image size.
-A photo need not hold an object: a uniform one (all its pixels within `UNIFORM_RANGE` grey levels) gets an
+A photo need not hold an object: a uniform one (pixel standard deviation <= `UNIFORM_STD` grey levels) gets an
 empty mask whatever the method, since any cut of it splits noise (a blank photo got 23% foreground).
 """
 from __future__ import annotations
@@ -30,7 +30,7 @@ from pipeline.images import DEFAULT_MAX_PIXELS, IMAGE_SUFFIXES, decoded
 
 VERSION = 2  # 2: uniform photos have no foreground
 SPECTRAL_GRID = 28  # patches per side when input_size is 0
-UNIFORM_RANGE = 8  # a photo whose pixel values all lie within this many grey levels has nothing salient
+UNIFORM_STD = 4.0  # a photo whose pixel values spread less than this (grey levels) has nothing salient
 
 
 @dataclasses.dataclass(frozen=True)
@@ -109,9 +109,9 @@ def run(ctx: Context, params: Params) -> dict:
 
 
 def is_uniform(rgb: np.ndarray) -> bool:
-    """True for a photo with nothing in it to segment: every channel spans at most UNIFORM_RANGE levels."""
-    flat = rgb.reshape(-1, rgb.shape[-1])
-    return bool((flat.max(axis=0).astype(int) - flat.min(axis=0)).max() <= UNIFORM_RANGE)
+    """True for a photo with nothing in it to segment: every channel's standard deviation is at most
+    UNIFORM_STD grey levels (JPEG noise on a flat grey spreads its range to 14 levels, not its spread)."""
+    return bool(rgb.reshape(-1, rgb.shape[-1]).std(axis=0).max() <= UNIFORM_STD)
 
 
 def mask_file(store, key: str) -> Path:
