@@ -5,7 +5,8 @@ the matched pixels of the dataset-level confusion (scipy's `linear_sum_assignmen
 unsupervised segmentation literature does. Ground-truth 255 is ignored. Pixels a prediction leaves
 as ignore (255) count as wrong in `miou` (they are labelled nothing); `miou_labelled_only` leaves
 them out. With more predicted ids than classes, majority voting (each id to its most frequent class)
-is reported as well. Foreground IoU of the saliency masks is reported too.
+is reported as well. Foreground IoU of the saliency masks is reported too. Ground-truth classes are
+named from a names file in or beside the labels folder (see class_names), else VOC's names for 21 classes.
 """
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from pathlib import Path
 
 import cv2
 import numpy as np
+import yaml
 from scipy.optimize import linear_sum_assignment
 from tqdm import tqdm
 
@@ -24,6 +26,38 @@ from pipeline.images import IMAGE_SUFFIXES, read_label_png, stem_of
 
 IGNORE = 255
 VOC_CLASSES = 21  # PASCAL VOC: background + 20 classes
+VOC_NAMES = ("background", "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
+             "diningtable", "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa", "train", "tvmonitor")
+NAMES_FILES = ("names.txt", "classes.txt", "names.yaml")  # in the labels folder, or beside it
+
+
+def class_names(labels_dir: Path, num_classes: int) -> list[str]:
+    """The names of the label classes 0..num_classes-1 (background first): from the first of NAMES_FILES in the
+    labels folder or beside it (a .txt: one name per line; names.yaml: a list, or `id: name` for every id),
+    else VOC's names when there are 21 classes, else `class N`. InputError for a file that does not name
+    exactly num_classes classes."""
+    labels_dir = Path(labels_dir)
+    for path in (folder / name for folder in (labels_dir, labels_dir.parent) for name in NAMES_FILES):
+        if path.is_file():
+            return _names_from(path, num_classes)
+    return list(VOC_NAMES) if num_classes == VOC_CLASSES else [f"class {c}" for c in range(num_classes)]
+
+
+def _names_from(path: Path, num_classes: int) -> list[str]:
+    try:
+        if path.suffix == ".txt":
+            raw = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+        else:
+            raw = yaml.safe_load(path.read_text())
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
+        raise InputError(f"cannot read the label classes' names {path}: {exc}") from None
+    if isinstance(raw, dict) and set(map(str, raw)) == {str(c) for c in range(num_classes)}:
+        raw = [raw.get(c, raw.get(str(c))) for c in range(num_classes)]
+    if not isinstance(raw, list) or len(raw) != num_classes or not all(isinstance(n, str) and n.strip() for n in raw):
+        count = f"{len(raw)} entries" if isinstance(raw, (list, dict)) else type(raw).__name__
+        raise InputError(f"{path} (the names of the label classes) must name the {num_classes} classes 0..{num_classes - 1}, "
+                         f"background first, one per line; it has {count}; pass --classes N for N classes")
+    return [n.strip() for n in raw]
 
 
 def label_files(labels_dir: Path, images: list[str]) -> dict[str, Path]:
@@ -155,6 +189,7 @@ def evaluate_workdir(workdir: Path, labels_dir: Path, source: str = "pseudo_mask
     entry = wd.latest_entry(SOURCES[source], run)
     items = read_json(entry / ITEMS)
     labels = label_files(Path(labels_dir), [i["image"] for i in items])
+    names = class_names(Path(labels_dir), num_classes)
     missing = sum(i["image"] not in labels for i in items)
     if missing:
         print(f"warning: {labels_dir} has labels for {len(items) - missing} of the {len(items)} images; the metrics "
@@ -166,7 +201,8 @@ def evaluate_workdir(workdir: Path, labels_dir: Path, source: str = "pseudo_mask
                **scores(confusion, num_predicted, num_classes),
                "saliency_foreground": foreground_iou([(mask_file(wd.store, i["key"]), labels[i["image"]])
                                                       for i in saliency_items if i["image"] in labels])}
-    metrics["miou"] = metrics["hungarian"]["miou"]
+    metrics.update(miou=metrics["hungarian"]["miou"], class_names=names,
+                   per_class_iou={names[int(c)]: iou for c, iou in metrics["hungarian"]["per_class_iou"].items()})
     try:
         write_json(metrics_file(wd.root, source, labels_dir), metrics)
     except OSError as exc:  # a read-only workdir: the figures are printed all the same

@@ -34,7 +34,7 @@ from pipeline.errors import CacheCorruptError, InputError
 from pipeline.images import BadImage, load_rgb, read_label_png, write_label_png
 from pipeline.names import check_clusters, classes_of, cluster_name, load_names
 from stages import report_html
-from stages.evaluate import SOURCES, VOC_CLASSES, entry_confusion, label_files, scores
+from stages.evaluate import SOURCES, VOC_CLASSES, class_names, entry_confusion, label_files, scores
 from stages.objects import IGNORE, load_objects, object_file
 from stages.saliency import mask_file
 
@@ -78,6 +78,7 @@ def report_workdir(workdir: Path, out: Path | None = None, labels: Path | None =
     shown = selection or list(range(k))
     pseudo_items = read_json(entries["pseudo_masks"] / ITEMS)
     label_paths = label_files(Path(labels), [i["image"] for i in pseudo_items]) if labels else {}
+    label_names = class_names(Path(labels), num_classes) if labels else []
 
     try:
         tmp = temp_dir_beside(out)
@@ -88,7 +89,7 @@ def report_workdir(workdir: Path, out: Path | None = None, labels: Path | None =
     try:
         clusters = _clusters(wd, entries, state, shown, cluster_names, classes.of_cluster, tmp)
         against_labels = _against_labels(entries["pseudo_masks"], pseudo_items, label_paths, clusters, tmp,
-                                         num_classes) if labels else None
+                                         label_names) if labels else None
         overlays = _overlays(wd, entries, pseudo_items, label_paths, state, classes.value_map(), tmp)
         train_log = _train_log(entries.get("train"), tmp)
         plots.cluster_sizes(tmp / "plots" / "cluster_sizes.png", [c["core"] for c in clusters],
@@ -217,10 +218,11 @@ def _write_crops(wd, embed_items, image_index, object_id, rows: list[int], image
 
 
 def _against_labels(entry: Path, items: list[dict], label_paths: dict[str, Path], clusters: list[dict], tmp: Path,
-                    num_classes: int) -> dict:
+                    label_names: list[str]) -> dict:
     """Hungarian-matched scores of the pseudo masks; each cluster gets its matched class, majority class and
-    purity (the share of its labelled pixels in its majority class); confusion and IoU plots."""
-    confusion, num_predicted, num_classes = entry_confusion(entry, items, label_paths, num_classes)
+    purity (the share of its labelled pixels in its majority class); confusion and IoU plots, the label
+    classes by their names."""
+    confusion, num_predicted, num_classes = entry_confusion(entry, items, label_paths, len(label_names))
     result = scores(confusion, num_predicted, num_classes)
     assignment = {int(row): cls for row, cls in result["assignment"].items()}
     for cluster in clusters:
@@ -231,13 +233,14 @@ def _against_labels(entry: Path, items: list[dict], label_paths: dict[str, Path]
     value_names = {0: "background", **{c["value"]: c["name"] for c in clusters}}
     matched_first = sorted(range(num_predicted), key=lambda v: (v not in assignment, assignment.get(v, 0), v))
     matrix = np.concatenate([confusion[matched_first, :num_classes], confusion[IGNORE:, :num_classes]]).T
-    plots.confusion(tmp / "plots" / "confusion.png", matrix, [f"class {c}" for c in range(num_classes)],
+    plots.confusion(tmp / "plots" / "confusion.png", matrix, label_names,
                     [value_names[v] for v in matched_first] + ["ignore"])
     matched_name = {cls: value_names[row] for row, cls in assignment.items()}
     iou = {int(c): v for c, v in result["hungarian"]["per_class_iou"].items()}
     plots.class_iou(tmp / "plots" / "class_iou.png", iou,
-                    {c: f"class {c} = {matched_name[c]}" if c in matched_name else f"class {c}" for c in iou})
-    return {"images": sum(i["image"] in label_paths for i in items), "classes": num_classes, **result}
+                    {c: f"{label_names[c]} = {matched_name[c]}" if c in matched_name else label_names[c] for c in iou})
+    return {"images": sum(i["image"] in label_paths for i in items), "classes": num_classes, **result,
+            "class_names": label_names}
 
 
 def _overlays(wd, entries: dict, items: list[dict], label_paths: dict[str, Path], state: dict,

@@ -67,8 +67,9 @@ def _number(value, digits: int = 3) -> str:
     return "" if value is None else f"{value:.{digits}f}"
 
 
-def _class(value) -> str:
-    return "" if value is None else f"class {value}"
+def _class(value, data: dict) -> str:
+    """A ground-truth class by its name (see stages.evaluate.class_names)."""
+    return "" if value is None else escape(data["against_labels"]["class_names"][value])
 
 
 def _legend(data: dict) -> str:
@@ -108,8 +109,8 @@ def cluster_page(data: dict, index: int) -> str:
              f"{_class_value(cluster['class_value'])} in the export and in the report's masks",
              f"{cluster['objects']} objects, {cluster['core']} in the core (the others are ignore in the pseudo masks)"]
     if data["against_labels"]:
-        facts.append(f"matched class: {_class(cluster.get('matched_class')) or 'none'}; purity {_percent(cluster.get('purity'))}"
-                     f" ({_class(cluster.get('majority_class'))})")
+        facts.append(f"matched class: {_class(cluster.get('matched_class'), data) or 'none'}; purity "
+                     f"{_percent(cluster.get('purity'))} ({_class(cluster.get('majority_class'), data)})")
     random_title = f"Random sample of the others ({len(cluster['random'])} of {max(cluster['objects'] - len(cluster['nearest']), 0)})"
     body = [f"<nav>{''.join(links)}</nav>", f"<h1>{_swatch(cluster['class_value'])}{escape(cluster['name'])}</h1>",
             f"<p>{'<br>'.join(facts)}</p>",
@@ -146,8 +147,8 @@ def _clusters_section(data: dict) -> str:
         cells = [_swatch(c["class_value"]), str(c["id"]), f'<a href="clusters/{c["id"]}.html">{escape(c["name"])}</a>',
                  f'<span class="num">{c["objects"]}</span>', f'<span class="num">{c["core"]}</span>']
         if labelled:
-            cells += [_class(c.get("matched_class")),
-                      f"{_percent(c.get('purity'))} {_class(c.get('majority_class'))}"]
+            cells += [_class(c.get("matched_class"), data),
+                      f"{_percent(c.get('purity'))} {_class(c.get('majority_class'), data)}"]
         cells.append(f'<a class="preview" href="clusters/{c["id"]}.html">{preview or "no crops"}</a>')
         rows.append("<tr>" + "".join(f"<td>{cell}</td>" for cell in cells) + "</tr>")
     names_hint = ("" if any(c["named"] for c in data["clusters"]) else

@@ -204,3 +204,40 @@ def test_the_reports_legend_and_masks_show_the_merged_classes(finished_run, tmp_
     for row in data["overlays"]:
         values |= set(np.unique(np.array(Image.open(index.parent / row["pseudo_mask"]))).tolist())
     assert values <= {0, 1, 255} and 1 in values
+
+
+# ---------------------------------------------------------------- ground-truth classes by name
+
+SHAPE_NAMES = ["background", "disc", "square", "triangle", "ring"]  # pipeline.demo.SHAPES, class ids 0..4
+
+
+def test_evaluate_names_voc_classes_by_default_and_a_names_file_beside_the_labels(cli_workdir, finished_run, tmp_path,
+                                                                                capsys):
+    from stages.evaluate import VOC_NAMES, evaluate_workdir
+
+    workdir, labels = cli_workdir[0], finished_run[1]
+    voc = evaluate_workdir(workdir, labels)
+    assert voc["class_names"] == list(VOC_NAMES) and VOC_NAMES[15] == "person"
+    assert set(voc["per_class_iou"]) == {VOC_NAMES[int(c)] for c in voc["hungarian"]["per_class_iou"]}
+    named = Path(shutil.copytree(labels, tmp_path / "set" / "labels"))
+    (named.parent / "classes.txt").write_text("\n".join(SHAPE_NAMES) + "\n")
+    assert run_pipeline.main(["evaluate", "--workdir", str(workdir), "--labels", str(named), "--classes", "5"]) == 0
+    metrics = json.loads(capsys.readouterr().out)
+    assert metrics["class_names"] == SHAPE_NAMES
+    assert [metrics["per_class_iou"][SHAPE_NAMES[int(c)]] for c in metrics["hungarian"]["per_class_iou"]] == \
+        list(metrics["hungarian"]["per_class_iou"].values())
+    assert run_pipeline.main(["evaluate", "--workdir", str(workdir), "--labels", str(named)]) == 2  # 21 classes asked
+    assert "classes.txt (the names of the label classes) must name the 21 classes" in capsys.readouterr().err
+
+
+def test_the_report_names_ground_truth_classes(finished_run, tmp_path):
+    from stages.report import report_workdir
+
+    named = Path(shutil.copytree(finished_run[1], tmp_path / "set" / "labels"))
+    (named.parent / "names.yaml").write_text("".join(f"{c}: {n}\n" for c, n in enumerate(SHAPE_NAMES)))
+    index = report_workdir(finished_run[0], tmp_path / "report", named, num_classes=5)
+    data = json.loads((index.parent / "report.json").read_text())
+    assert data["against_labels"]["class_names"] == SHAPE_NAMES
+    matched = {SHAPE_NAMES[c["matched_class"]] for c in data["clusters"] if c["matched_class"] is not None}
+    html = index.read_text()
+    assert matched and all(f"<td>{name}</td>" in html for name in matched) and "class 1" not in html
