@@ -1,6 +1,7 @@
 """The report's HTML pages, rendered from the report's data (what report.json holds).
 
-Plain HTML and inline CSS: the pages open from disk in any browser, with no server, script or network.
+Plain HTML and inline CSS: the pages open from disk in any browser, with no server, script or network,
+and fit a 1280-pixel-wide window: images shrink to their column, long names and keys wrap.
 Every text that comes from the run (image names, cluster names, config) is escaped.
 """
 from __future__ import annotations
@@ -32,6 +33,8 @@ figure img { display: block; max-width: 128px; max-height: 128px; border: 3px so
 figure.ignored img { border: 3px dashed #999; }
 .preview img { height: 64px; width: auto; max-width: 128px; object-fit: contain; margin-right: 2px; vertical-align: middle; }
 .missing { display: inline-block; padding: 1em; background: #f3f3f3; color: #888; font-size: 11px; }
+img { max-width: 100%; height: auto; } code, .panels th, .wrap { overflow-wrap: anywhere; }
+.panels { width: 100%; table-layout: fixed; } .panels th:first-child { width: 9em; }
 .panels td { padding: 2px; } .panels img { display: block; }
 .legend span { margin-right: 1em; white-space: nowrap; }
 nav a { margin-right: 1em; } pre { background: #f6f6f6; padding: .8em; overflow: auto; font-size: 12px; }
@@ -232,7 +235,7 @@ def _run_section(data: dict) -> str:
         f"<td>{escape(', '.join(f'{k}={v}' for k, v in s['counts'].items()))}</td><td class=num>{s['skipped']}</td></tr>"
         for s in data["stages"])
     skipped = data["skipped"]
-    skipped_rows = "".join(f"<tr><td>{escape(s['stage'])}</td><td>{escape(s['image'])}</td><td>{escape(s['reason'])}</td></tr>"
+    skipped_rows = "".join(f"<tr><td>{escape(s['stage'])}</td><td class=wrap>{escape(s['image'])}</td><td>{escape(s['reason'])}</td></tr>"
                            for s in skipped[:MAX_SKIPPED_ROWS])
     more = f"<p>and {len(skipped) - MAX_SKIPPED_ROWS} more (see the stages' manifest.json)</p>" if len(skipped) > MAX_SKIPPED_ROWS else ""
     skipped_html = (f"<table><tr><th>stage</th><th>image</th><th>reason</th></tr>{skipped_rows}</table>{more}"

@@ -10,9 +10,12 @@ from pathlib import Path
 import pytest
 
 import run_pipeline
+from pipeline import runner
+from pipeline.demo import make_shapes
 from pipeline.errors import InputError
 from pipeline.names import check_clusters, load_names, parse_clusters
 from stages.report import NEAREST, report_workdir
+from tests.conftest import quiet, tiny_config
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking",
@@ -141,17 +144,31 @@ def _browser():
     return sync_api.sync_playwright
 
 
-def test_report_renders_in_a_browser_without_broken_images_or_errors(request, tmp_path):
-    """Set OBJSEG_REPORT=WD/report to check an existing report, OBJSEG_SCREENSHOTS=DIR to keep the screenshots."""
+LONG_NAME = "a_rather_long_photo_name_from_a_camera_2024-06-01_12-00-00_IMG_1234"
+
+
+def _laptop_sized_report(tmp_path: Path) -> Path:
+    """The report of a tiny run on photos of 320x240 (full-size sample panels, all five columns), one with a
+    long name and an unreadable file with a long name, so every page is as wide as a real report's."""
+    images, labels = make_shapes(tmp_path / "wide", 4, size=(320, 240))
+    (images / "shape_0001.jpg").rename(images / f"{LONG_NAME}.jpg")
+    (labels / "shape_0001.png").rename(labels / f"{LONG_NAME}.png")
+    (images / f"{LONG_NAME}_unreadable.jpg").write_bytes(b"")
+    runner.run(tiny_config(), images, tmp_path / "wd", log=quiet)
+    return report_workdir(tmp_path / "wd", tmp_path / "report", labels).parent
+
+
+def test_report_renders_in_a_browser_without_broken_images_or_errors(tmp_path):
+    """Every page fits a 1280-pixel-wide window (a laptop's), shows all its images and logs no error.
+    Set OBJSEG_REPORT=WD/report to check an existing report, OBJSEG_SCREENSHOTS=DIR to keep the screenshots."""
     sync_playwright = _browser()
     if os.environ.get("OBJSEG_REPORT"):
         report = Path(os.environ["OBJSEG_REPORT"]).resolve()
-    else:  # the tiny run is made only now, not when the test is skipped or checks a given report
-        workdir, labels, _ = request.getfixturevalue("finished_run")
-        report = report_workdir(workdir, tmp_path / "report", labels).parent
+    else:  # the run is made only now, not when the test is skipped or checks a given report
+        report = _laptop_sized_report(tmp_path)
     shots = Path(os.environ.get("OBJSEG_SCREENSHOTS", tmp_path / "screenshots"))
     shots.mkdir(parents=True, exist_ok=True)
-    cluster = sorted(report.glob("clusters/*.html"), key=lambda p: int(p.stem))[0]
+    clusters = sorted(report.glob("clusters/*.html"), key=lambda p: int(p.stem))
     with sync_playwright() as playwright:
         browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
         try:
@@ -159,12 +176,16 @@ def test_report_renders_in_a_browser_without_broken_images_or_errors(request, tm
             errors = []
             page.on("console", lambda message: errors.append(message.text) if message.type == "error" else None)
             page.on("pageerror", lambda error: errors.append(str(error)))
-            for html, shot in ((report / "index.html", "index.png"), (cluster, "cluster.png")):
+            pages = [(report / "index.html", "index.png"), (clusters[0], "cluster.png"), *((c, None) for c in clusters[1:])]
+            for html, shot in pages:
                 page.goto(html.as_uri(), wait_until="load")
                 images = page.evaluate("[...document.images].map(i => [i.getAttribute('src'), i.complete, i.naturalWidth])")
                 broken = [src for src, complete, width in images if not complete or width == 0]
                 assert images and not broken, f"{html}: broken images {broken[:5]}"
-                page.screenshot(path=str(shots / shot), full_page=True)
+                width = page.evaluate("document.documentElement.scrollWidth")
+                assert width <= 1280, f"{html} is {width} px wide: wider than a 1280-px window"
+                if shot:
+                    page.screenshot(path=str(shots / shot), full_page=True)
             assert not errors, errors
         finally:
             browser.close()
