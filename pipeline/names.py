@@ -16,7 +16,7 @@ import yaml
 
 from pipeline.errors import InputError
 
-BACKGROUND, IGNORE = "background", "ignore"  # names that send a cluster to mask value 0 or 255
+BACKGROUND_NAME, IGNORE_NAME = "background", "ignore"  # names that send a cluster to mask value 0 or 255
 IGNORE_VALUE = 255
 
 
@@ -31,9 +31,6 @@ class Classes:
         table = np.arange(256, dtype=np.uint8)
         table[1:len(self.of_cluster) + 1] = self.of_cluster
         return table
-
-    def clusters_of(self, value: int) -> list[int]:
-        return [c for c, v in enumerate(self.of_cluster) if v == value]
 
 
 def load_names(path: str | Path, k: int) -> dict[int, str]:
@@ -62,7 +59,7 @@ def load_names(path: str | Path, k: int) -> dict[int, str]:
 
 def classes_of(k: int, names: dict[int, str]) -> Classes:
     """The classes of a run with `k` clusters named by `names` (see the module's docstring)."""
-    values = {BACKGROUND: 0, IGNORE: IGNORE_VALUE}
+    values = {BACKGROUND_NAME: 0, IGNORE_NAME: IGNORE_VALUE}
     of_cluster = [values.setdefault(cluster_name(c, names), len(values) - 1) for c in range(k)]
     classes = sorted((v, n) for n, v in values.items() if v != IGNORE_VALUE)
     return Classes(tuple(n for _, n in classes), tuple(of_cluster))

@@ -56,7 +56,7 @@ def _names_from(path: Path, num_classes: int) -> list[str]:
     if not isinstance(raw, list) or len(raw) != num_classes or not all(isinstance(n, str) and n.strip() for n in raw):
         count = f"{len(raw)} entries" if isinstance(raw, (list, dict)) else type(raw).__name__
         raise InputError(f"{path} (the names of the label classes) must name the {num_classes} classes 0..{num_classes - 1}, "
-                         f"background first, one per line; it has {count}; pass --classes N for N classes")
+                         f"background first; it has {count}; pass --classes N for N classes")
     return [n.strip() for n in raw]
 
 

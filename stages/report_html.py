@@ -14,9 +14,9 @@ from pathlib import Path
 import yaml
 
 from pipeline.images import label_palette
+from pipeline.names import IGNORE_VALUE as IGNORE
 
 _PALETTE = label_palette()
-IGNORE = 255
 MAX_SKIPPED_ROWS = 200
 PREVIEW = 6  # crops per cluster on the index page
 
@@ -224,7 +224,7 @@ def _samples_section(data: dict) -> str:
     head = "<tr><th>image</th>" + "".join(f"<th>{title}</th>" for _, title in columns) + "</tr>"
     truth = "; the ground truth uses the same palette by class id (VOC's colours)" if data["against_labels"] else ""
     return (f'<h2 id="samples">Sample images ({len(data["overlays"])} of {data["images"]})</h2>{_legend(data)}'
-            f"<p>Saliency: white is foreground. Masks in the cluster colours above{truth}.</p>"
+            f"<p>Saliency: white is foreground. Pseudo masks and segmenter in the class colours above{truth}.</p>"
             f'<table class="panels">{head}{"".join(rows)}</table>')
 
 
