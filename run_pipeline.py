@@ -64,7 +64,8 @@ def build_parser() -> argparse.ArgumentParser:
                                         "merges them into one class, the name `ignore` drops a cluster (255)")
     report = commands.add_parser("report", help="static HTML report: run summary, cluster galleries, overlays, plots")
     report.add_argument("--workdir", default=DEFAULT_WORKDIR, help=WORKDIR_HELP)
-    report.add_argument("--labels", help="ground-truth label PNGs: adds matched classes, purity, confusion and IoU plots")
+    report.add_argument("--labels", help="ground-truth label PNGs: adds matched classes, purity, confusion and IoU plots "
+                                         "(classes named by a names.txt / classes.txt / names.yaml in or beside it)")
     report.add_argument("--names", help="names.yaml mapping cluster id -> name, shown in the legend and galleries "
                                         "(merges and `ignore` as in export)")
     report.add_argument("--out", help="report folder: new, empty, or an earlier report (only its own files are "
@@ -73,7 +74,8 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("--classes", type=int, default=21, help="ground-truth classes of --labels, background included [21]")
     evaluate = commands.add_parser("evaluate", help="Hungarian-matched mIoU against ground-truth label PNGs")
     evaluate.add_argument("--workdir", default=DEFAULT_WORKDIR, help=WORKDIR_HELP)
-    evaluate.add_argument("--labels", required=True, help="folder of label PNGs named like the images")
+    evaluate.add_argument("--labels", required=True, help="folder of label PNGs named like the images (classes named "
+                                                          "by a names.txt / classes.txt / names.yaml in or beside it)")
     evaluate.add_argument("--source", default="pseudo_masks", choices=("pseudo_masks", "segmenter"),
                           help="the pseudo masks, or the trained segmenter's predictions on the same images")
     evaluate.add_argument("--classes", type=int, default=21,
