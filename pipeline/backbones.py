@@ -375,11 +375,17 @@ def _check_layout(trunk: nn.Module, state: dict, path: Path) -> None:
 
 
 def weights_key(params: BackboneParams, section: str = "backbone") -> dict:
-    """What a cache key says of a trunk: its name and its weights by content (sha256), never by path, so a
-    moved file keys the same and a file replaced at the same path does not. Weights that cannot be found
-    are keyed by what was asked for; the stage's check stops with the reason if it has to run."""
-    try:
-        path = resolve_weights(params, section)
-    except WeightsNotFoundError:
+    """What a cache key says of a trunk, never its path: a weights file by content (sha256), so a moved file
+    keys the same and a file replaced at the same path does not; the official checkpoint from torch.hub's
+    cache (weights="") by its published file name, which names immutable, verified-on-download bytes, so
+    computing a key never downloads or hashes hundreds of MB (status, or a stage that will not run).
+    A file that cannot be found is keyed by what was asked for; the stage's check stops with the reason."""
+    spec = SPECS[params.name]
+    if params.weights == RANDOM or spec.random_only:
+        return {"name": params.name, "weights_sha256": RANDOM}
+    if not params.weights:
+        return {"name": params.name, "weights_official": spec.checkpoint_file}
+    path = Path(params.weights).expanduser()
+    if not path.is_file():
         return {"name": params.name, "weights_missing": params.weights}
-    return {"name": params.name, "weights_sha256": file_digest(path) if path is not None else RANDOM}
+    return {"name": params.name, "weights_sha256": file_digest(path)}

@@ -20,6 +20,12 @@ TINY = ("backbone.name=vit_tiny_random", "workers=0", "cluster.k=3", "cluster.nr
         "train.base_size=64", "train.batch_size=4", "train.lr=0.001")
 
 
+@pytest.fixture(autouse=True)
+def offline(monkeypatch):
+    """Tests never download weights, online or not (tests/test_download.py serves its own on loopback)."""
+    monkeypatch.setenv("OBJSEG_OFFLINE", "1")
+
+
 def tiny_config(*overrides: str):
     """A config on the tiny random ViT: every stage runs in well under a second on synthetic images."""
     return load_config(overrides=[*TINY, *overrides])
