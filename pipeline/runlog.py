@@ -73,6 +73,9 @@ def remove_if_unused(workdir: Path) -> None:
         return
     for path in files:
         path.unlink()
-    for folder in sorted((p for p in workdir.rglob("*") if p.is_dir()), key=lambda p: len(p.parts), reverse=True):
-        folder.rmdir()
-    workdir.rmdir()
+    try:  # a folder that gained a file meanwhile (another process) is not empty: it stays, with that file
+        for folder in sorted((p for p in workdir.rglob("*") if p.is_dir()), key=lambda p: len(p.parts), reverse=True):
+            folder.rmdir()
+        workdir.rmdir()
+    except OSError:
+        pass
