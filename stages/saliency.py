@@ -4,8 +4,14 @@
 graph, whose normalized cut (the Fiedler vector of the generalized eigenproblem (D - W) y = λ D y,
 as in TokenCut and Deep Spectral Methods) splits the image in two; the side touching fewer border
 patches is foreground (TokenCut picks the side of the largest eigenvector entry instead; the
-border rule found more of VOC's objects with our stand-in backbone, see the README). `onnx` runs any salient-object model exported to ONNX; `folder`
-reads the user's own masks (e.g. DeepUSPS outputs). Output: an 8-bit 0/255 PNG per image, at image size.
+border rule found more of VOC's objects with our stand-in backbone, see the README).
+`self_trained` needs no label either (after FOUND and SelfMask): the folder's own spectral masks
+train a light head (one 1x1 convolution = logistic regression on each patch's features) on the
+frozen backbone, whose predictions replace them; what is consistent across the folder survives,
+each photo's cut errors are outvoted. Both label-free masks are made at patch resolution, then moved
+to the photo's colour edges by `refine` (pipeline/refine.py). `onnx` runs any salient-object model
+exported to ONNX; `folder` reads the user's own masks (e.g. DeepUSPS outputs); both are at image
+resolution and used as they are. Output: an 8-bit 0/255 PNG per image, at image size.
 A photo need not hold an object: a uniform one (pixel standard deviation <= `UNIFORM_STD` grey levels) gets an
 empty mask whatever the method, since any cut of it splits noise (a blank photo got 23% foreground).
 """
@@ -21,10 +27,11 @@ import numpy as np
 import scipy.linalg
 import torch
 
-from pipeline.artifacts import atomic_write
+from pipeline.artifacts import atomic_write, stable_hash
 from pipeline.backbones import build_backbone, weights_key
 from pipeline.digests import file_digest
 from pipeline.context import Context, item_key, write_items
+from pipeline.refine import RefineParams, refine_scores
 from pipeline.errors import ConfigError, InputError
 from pipeline.images import DEFAULT_MAX_PIXELS, IMAGE_SUFFIXES, decoded
 
@@ -34,8 +41,24 @@ UNIFORM_STD = 4.0  # a photo whose pixel values spread less than this (grey leve
 
 
 @dataclasses.dataclass(frozen=True)
+class HeadParams:
+    """self_trained: the head learnt from the folder's spectral masks (FOUND: one 1x1 convolution, 500 steps)."""
+    iterations: int = 500  # Adam steps per round
+    batch: int = 8192  # patches per step, drawn from every training photo
+    lr: float = 0.01
+    rounds: int = 1  # round r > 1 learns from round r - 1's refined predictions
+    max_images: int = 2000  # photos it learns from (evenly spread over the folder): bounds its memory
+
+    def __post_init__(self):
+        if min(self.iterations, self.batch, self.rounds, self.max_images) < 1:
+            raise ConfigError(f"head.iterations, batch, rounds and max_images must be >= 1, got {self}")
+        if self.lr <= 0:
+            raise ConfigError(f"head.lr must be > 0, got {self.lr}")
+
+
+@dataclasses.dataclass(frozen=True)
 class Params:
-    method: Literal["spectral", "onnx", "folder"] = "spectral"
+    method: Literal["spectral", "self_trained", "onnx", "folder"] = "spectral"
     model: str = ""  # onnx: path to the model file
     masks_dir: str = ""  # folder: masks named like the images (same relative path or same stem), any image format
     input_size: int = 0  # square side the image is resized to; 0 = the ONNX model's own, or 28 patches for spectral
@@ -43,6 +66,8 @@ class Params:
     std: tuple[float, float, float] = (1.0, 1.0, 1.0)
     threshold: float = 0.5  # onnx: foreground where the model's output > threshold; folder: where mask > threshold * 255
     tau: float = 0.3  # spectral: patches with cosine affinity > tau are linked (TokenCut uses 0.2 on DINO keys)
+    refine: RefineParams = RefineParams("global")  # spectral, self_trained: borders moved to the photo's colour edges
+    head: HeadParams = HeadParams()  # self_trained
 
     def __post_init__(self):
         if self.input_size < 0:
@@ -63,16 +88,24 @@ def key_params(cfg) -> dict:
 def _method_params(cfg) -> dict:
     p = cfg.saliency
     if p.method == "spectral":
-        return {"method": p.method, "input_size": p.input_size, "tau": p.tau, "backbone": weights_key(cfg.backbone)}
+        return _spectral_params(cfg)
+    if p.method == "self_trained":
+        return {**_spectral_params(cfg), "method": p.method, "head": dataclasses.asdict(p.head), "seed": cfg.seed}
     if p.method == "onnx":
         return {"method": p.method, "model_sha256": file_digest(p.model) if Path(p.model).is_file() else "", "cpu_float16_as": "float32", "input_size": p.input_size,
                 "mean": p.mean, "std": p.std, "threshold": p.threshold}
     return {"method": p.method, "masks_dir": str(Path(p.masks_dir).resolve()), "threshold": p.threshold}
 
 
+def _spectral_params(cfg) -> dict:
+    p = cfg.saliency
+    refine = {"refine": dataclasses.asdict(p.refine)} if p.refine.method != "none" else {}  # keys made before it stay valid
+    return {"method": "spectral", "input_size": p.input_size, "tau": p.tau, "backbone": weights_key(cfg.backbone), **refine}
+
+
 def check(ctx: Context, params: Params) -> None:
     """Fail before any work when the method's inputs are missing."""
-    if params.method == "spectral":
+    if params.method in ("spectral", "self_trained"):
         from pipeline.backbones import resolve_weights
         resolve_weights(ctx.cfg.backbone)
     elif params.method == "onnx":
@@ -85,27 +118,40 @@ def check(ctx: Context, params: Params) -> None:
 
 
 def run(ctx: Context, params: Params) -> dict:
+    if params.method == "self_trained":
+        return _run_self_trained(ctx, params)
     masks = _masks_for(ctx, params) if params.method == "folder" else {}
     key_params_ = key_params(ctx.cfg)
     key_of = {r.rel: item_key("saliency", VERSION, key_params_, _parent(r, masks)) for r in ctx.images}
-    pending = [r for r in ctx.images if not mask_file(ctx.store, key_of[r.rel]).is_file()]
-    predict = _predictor(ctx, params, masks)
+    items, computed = _masks_of(ctx, key_of, _predictor(ctx, params, masks))
+    return _listed(ctx, items, computed)
+
+
+def _masks_of(ctx: Context, key_of: dict[str, str], predict, report_bad: bool = True) -> tuple[list[dict], int]:
+    """Each image's mask under `key_of[image]`, made by `predict(record, rgb)` where it is not stored yet:
+    (items of the images that decode, in input order; how many masks were made)."""
+    pending = [r for r in ctx.images if r.rel in key_of and not mask_file(ctx.store, key_of[r.rel]).is_file()]
     loader = decoded([r.path for r in pending], workers=ctx.cfg.workers)
     bad = set()
     for index, rgb, reason in ctx.progress(loader, "saliency", total=len(pending)):
         record = pending[index]
         if rgb is None:
-            ctx.skip(record.rel, reason)
+            if report_bad:
+                ctx.skip(record.rel, reason)
             bad.add(record.rel)
             continue
         mask = np.zeros(rgb.shape[:2], np.uint8) if is_uniform(rgb) else predict(record, rgb)
         ok, png = cv2.imencode(".png", mask)
         atomic_write(mask_file(ctx.store, key_of[record.rel]), lambda tmp: tmp.write_bytes(png.tobytes()))
-    items = [{"image": r.rel, "key": key_of[r.rel]} for r in ctx.images if r.rel not in bad]
-    ctx.uses += [mask_file(ctx.store, i["key"]) for i in items]
     # Images that failed in an earlier run are decoded again above, so `bad` is complete.
+    items = [{"image": r.rel, "key": key_of[r.rel]} for r in ctx.images if r.rel in key_of and r.rel not in bad]
+    return items, len(pending) - len(bad)
+
+
+def _listed(ctx: Context, items: list[dict], computed: int, **counts) -> dict:
+    ctx.uses += [mask_file(ctx.store, i["key"]) for i in items]
     write_items(ctx.out, items)
-    return {"images": len(items), "computed": len(pending) - len(bad)}
+    return {"images": len(items), "computed": computed, **counts}
 
 
 def is_uniform(rgb: np.ndarray) -> bool:
@@ -128,26 +174,45 @@ def _parent(record, masks: dict[str, Path]) -> str:
 
 def _predictor(ctx: Context, params: Params, masks: dict[str, Path]):
     if params.method == "spectral":
-        return functools.partial(_spectral_mask, build_backbone(ctx.cfg.backbone).to(ctx.device), params, ctx.device)
+        return _Spectral(ctx, params)
     if params.method == "onnx":
         return _OnnxSaliency(params, ctx.device)
     return lambda record, rgb: _read_user_mask(masks[record.rel], rgb.shape[:2], params.threshold)
 
 
+def refined_mask(rgb: np.ndarray, foreground: np.ndarray, refine: RefineParams) -> np.ndarray:
+    """0/255 mask where the coarse foreground probability (or indicator), upsampled to the photo and
+    smoothed along its colours, is above one half. The smoothers are linear and keep constants, so
+    smoothing the background's 1 - p gives 1 minus the smoothed p: one channel decides."""
+    height, width = rgb.shape[:2]
+    upsampled = cv2.resize(foreground.astype(np.float32), (width, height), interpolation=cv2.INTER_LINEAR)
+    smoothed = refine_scores(rgb, upsampled[..., None], refine)[..., 0]
+    return np.where(smoothed > 0.5, 255, 0).astype(np.uint8)
+
+
 # --- spectral: normalized cut on patch affinities -----------------------------------------------
 
-@torch.inference_mode()
-def _spectral_mask(backbone, params: Params, device, record, rgb: np.ndarray) -> np.ndarray:
-    height, width = rgb.shape[:2]
-    stride = backbone.patch_stride
-    side = max(stride, (params.input_size or SPECTRAL_GRID * stride) // stride * stride)
-    resized = cv2.resize(rgb, (side, side), interpolation=cv2.INTER_AREA if side < min(height, width) else cv2.INTER_LINEAR)
-    tensor = torch.from_numpy(resized).permute(2, 0, 1)[None].to(device)
-    features = backbone.patch_features(tensor)[0].float()  # (C, h, w)
-    grid_h, grid_w = features.shape[1:]
-    score = fiedler_foreground(features.flatten(1).T.cpu().numpy().astype(np.float64), (grid_h, grid_w), params.tau)
-    soft = cv2.resize(score.astype(np.float32), (width, height), interpolation=cv2.INTER_LINEAR)
-    return np.where(soft > 0, 255, 0).astype(np.uint8)
+class _Spectral:
+    """Patch features of a photo at the spectral grid, and the normalized cut of their affinities."""
+
+    def __init__(self, ctx: Context, params: Params):
+        self.backbone = build_backbone(ctx.cfg.backbone).to(ctx.device)
+        self.params, self.device = params, ctx.device
+
+    @torch.inference_mode()
+    def features(self, rgb: np.ndarray) -> torch.Tensor:
+        """(C, h, w) float32 patch features on the CPU, of the photo resized to the spectral input side."""
+        height, width = rgb.shape[:2]
+        stride = self.backbone.patch_stride
+        side = max(stride, (self.params.input_size or SPECTRAL_GRID * stride) // stride * stride)
+        resized = cv2.resize(rgb, (side, side), interpolation=cv2.INTER_AREA if side < min(height, width) else cv2.INTER_LINEAR)
+        tensor = torch.from_numpy(resized).permute(2, 0, 1)[None].to(self.device)
+        return self.backbone.patch_features(tensor)[0].float().cpu()
+
+    def __call__(self, record, rgb: np.ndarray) -> np.ndarray:
+        features = self.features(rgb)
+        score = fiedler_foreground(features.flatten(1).T.numpy().astype(np.float64), tuple(features.shape[1:]), self.params.tau)
+        return refined_mask(rgb, score > 0, self.params.refine)
 
 
 def fiedler_foreground(features: np.ndarray, grid: tuple[int, int], tau: float) -> np.ndarray:
@@ -156,11 +221,144 @@ def fiedler_foreground(features: np.ndarray, grid: tuple[int, int], tau: float) 
     affinity = unit @ unit.T
     weights = np.where(affinity > tau, 1.0, 1e-5)  # TokenCut's graph: linked patches weigh 1, others almost 0
     degree = np.diag(weights.sum(axis=1))
+    # LAPACK's dense solver: ARPACK (scipy.sparse.linalg.eigsh) was 3x faster but, where the second
+    # eigenvalue is repeated, returned a different vector on each call (benchmarks/spectral_saliency.py)
     _, vectors = scipy.linalg.eigh(degree - weights, degree, subset_by_index=[1, 1])
     fiedler = vectors[:, 0]
     split = (fiedler - fiedler.mean()).reshape(grid)
     border = np.concatenate([split[0], split[-1], split[1:-1, 0], split[1:-1, -1]])
     return split if (border > 0).mean() < 0.5 else -split
+
+
+# --- self_trained: a head learnt from the folder's own spectral masks --------------------------------
+
+HEAD_CHECKPOINT_EVERY = 50  # Adam steps between the resumable states of a head's training
+
+
+def _run_self_trained(ctx: Context, params: Params) -> dict:
+    """Spectral masks (cached as method=spectral caches them) train the head; its refined predictions are
+    the masks. The head is an artifact of its own, keyed by the spectral results it learnt from."""
+    spectral = _Spectral(ctx, params)
+    as_spectral = dataclasses.replace(ctx.cfg, saliency=dataclasses.replace(params, method="spectral"))
+    seed_params = key_params(as_spectral)  # the very keys method=spectral stores its masks under
+    seed_of = {r.rel: item_key("saliency", VERSION, seed_params, r.fingerprint) for r in ctx.images}
+    seeds, seeds_computed = _masks_of(ctx, seed_of, spectral)
+    head, head_file = _trained_head(ctx, params, spectral, seeds)
+    kept = {i["image"] for i in seeds}
+    head_key = head_file.stem.removeprefix("head-")
+    predict_params = {**key_params(ctx.cfg), "head_key": head_key}
+    key_of = {r.rel: item_key("saliency", VERSION, predict_params, r.fingerprint) for r in ctx.images if r.rel in kept}
+    items, computed = _masks_of(ctx, key_of, functools.partial(_head_mask, head, spectral), report_bad=False)
+    ctx.uses.append(head_file)
+    return _listed(ctx, items, computed, spectral_computed=seeds_computed, head=head_key)
+
+
+class SaliencyHead(torch.nn.Module):
+    """Foreground logit per patch: a 1x1 convolution (here a Linear on each patch's features) on features
+    standardised with the training patches' mean and spread (kept with the weights, so any photo is
+    scaled alike)."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.linear = torch.nn.Linear(channels, 1)
+        torch.nn.init.zeros_(self.linear.weight)  # logistic regression is convex: no random start needed
+        torch.nn.init.zeros_(self.linear.bias)
+        self.register_buffer("mean", torch.zeros(channels))
+        self.register_buffer("std", torch.ones(channels))
+
+    def forward(self, patches: torch.Tensor) -> torch.Tensor:  # (N, C) -> (N,) logits
+        return self.linear((patches - self.mean) / self.std)[:, 0]
+
+    def probability(self, features: torch.Tensor) -> np.ndarray:
+        """(h, w) foreground probability from (C, h, w) features."""
+        with torch.inference_mode():
+            return torch.sigmoid(self(features.flatten(1).T)).reshape(features.shape[1:]).numpy()
+
+
+def _head_mask(head: SaliencyHead, spectral: _Spectral, record, rgb: np.ndarray) -> np.ndarray:
+    return refined_mask(rgb, head.probability(spectral.features(rgb)), spectral.params.refine)
+
+
+def _trained_head(ctx: Context, params: Params, spectral: _Spectral, seeds: list[dict]) -> tuple[SaliencyHead, Path]:
+    """The last round's head and its file: each round is stored, keyed by what it learnt from, and
+    taken from the store when there; a round interrupted resumes from its last saved state."""
+    if not seeds:
+        raise InputError("saliency.method=self_trained found no decodable photo to learn from")
+    chosen = seeds[::-(-len(seeds) // params.head.max_images)]
+    head, key = None, stable_hash({"seeds": [i["key"] for i in chosen], "params": _method_params(ctx.cfg)})
+    for round_ in range(params.head.rounds):
+        key = stable_hash({"after": key, "round": round_})
+        path = ctx.store.items("saliency") / f"head-{key}.pt"
+        if not path.is_file():
+            patches, targets = _training_set(ctx, chosen, head, spectral)
+            trained = _train_head(patches, targets, params.head, ctx.cfg.seed, path.with_suffix(".resume"))
+            atomic_write(path, lambda tmp: torch.save(trained.state_dict(), tmp))
+            path.with_suffix(".resume").unlink(missing_ok=True)
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        head = SaliencyHead(state["mean"].shape[0])
+        head.load_state_dict(state)
+    return head, path
+
+
+def _training_set(ctx: Context, chosen: list[dict], head: SaliencyHead | None, spectral: _Spectral):
+    """(patches (N, C) float16, targets (N,)): every patch of the chosen photos with its foreground share
+    (0..1) in the photo's mask: the spectral seed's in round 1, the previous head's refined prediction after."""
+    records = {r.rel: r for r in ctx.images}
+    patches, targets = [], []
+    loader = decoded([records[i["image"]].path for i in chosen], workers=ctx.cfg.workers)
+    for index, rgb, reason in ctx.progress(loader, "saliency head", total=len(chosen)):
+        if rgb is None:  # the photo changed since its seed was made; it is left out of the training
+            continue
+        features = spectral.features(rgb)
+        if head is None:
+            mask = cv2.imread(str(mask_file(ctx.store, chosen[index]["key"])), cv2.IMREAD_GRAYSCALE)
+        else:
+            mask = refined_mask(rgb, head.probability(features), spectral.params.refine)
+        grid = features.shape[1:]
+        share = cv2.resize((mask > 0).astype(np.float32), (grid[1], grid[0]), interpolation=cv2.INTER_AREA)
+        patches.append(features.flatten(1).T.to(torch.float16))
+        targets.append(torch.from_numpy(share.reshape(-1)))
+    return torch.cat(patches), torch.cat(targets)
+
+
+def _train_head(patches: torch.Tensor, targets: torch.Tensor, params: HeadParams, seed: int, resume: Path) -> SaliencyHead:
+    """Adam on the binary cross-entropy of random batches of patches. Saved every HEAD_CHECKPOINT_EVERY
+    steps with Adam's and the batch sampler's states, so a run interrupted and resumed makes the same bytes.
+    One thread: the steps are too small to share (two threads were 25x slower on a busy 2-core machine),
+    and the sums then do not depend on the machine's thread count."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return _adam_steps(patches, targets, params, seed, resume)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _adam_steps(patches: torch.Tensor, targets: torch.Tensor, params: HeadParams, seed: int, resume: Path) -> SaliencyHead:
+    head = SaliencyHead(patches.shape[1])
+    head.mean.copy_(patches.float().mean(dim=0))
+    head.std.copy_(patches.float().std(dim=0).clamp_min(1e-6))
+    optimizer = torch.optim.Adam(head.linear.parameters(), lr=params.lr)
+    sampler = torch.Generator().manual_seed(seed)
+    step = 0
+    if resume.is_file():
+        state = torch.load(resume, map_location="cpu", weights_only=True)
+        head.load_state_dict(state["head"])
+        optimizer.load_state_dict(state["optimizer"])
+        sampler.set_state(state["sampler"])
+        step = state["step"]
+    while step < params.iterations:
+        batch = torch.randint(len(patches), (params.batch,), generator=sampler)
+        loss = torch.nn.functional.binary_cross_entropy_with_logits(head(patches[batch].float()), targets[batch])
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        step += 1
+        if step % HEAD_CHECKPOINT_EVERY == 0 and step < params.iterations:
+            state = {"head": head.state_dict(), "optimizer": optimizer.state_dict(), "sampler": sampler.get_state(),
+                     "step": step}
+            atomic_write(resume, lambda tmp: torch.save(state, tmp))
+    return head
 
 
 # --- onnx: a salient-object model ------------------------------------------------------------------
