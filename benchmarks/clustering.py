@@ -3,7 +3,7 @@ scikit-learn's spectral clustering (COMUS's choice) and scikit-learn KMeans.
 
     python benchmarks/clustering.py [--workdir WD [--labels LABELDIR]] [--synthetic 10000 100000 1000000] [--k 20]
                                     [--spectral-max 20000] [--faiss-spectral-max 100000]
-                                    [--sklearn-kmeans-max 100000] [--noise 4.0] [--seed 0]
+                                    [--sklearn-kmeans-max 100000] [--noise 4.0] [--seed 0] [--pca-dim N [--whiten]]
 
 Datasets: the object embeddings of a finished run's embed entry (--workdir), each object's true class
 the majority ground-truth class (0 and 255 left out) of its pixels in --labels (objects without one
@@ -17,6 +17,9 @@ mixture of k clusters around random unit centres (Dirichlet(1) sizes, Gaussian n
                   with faiss's exact 30-NN search and ARPACK on the normalised graph
   kmeans          sklearn KMeans, n_init = nredo, max_iter = niter, on every point
   spectral        sklearn SpectralClustering on the 30-NN connectivity graph, k-means label assignment
+(`cluster.method=auto` is faiss-spectral up to `stages.cluster.SPECTRAL_MAX_OBJECTS`, faiss beyond.)
+With --pca-dim (and --whiten), every method clusters the vectors as the cluster stage projects them
+(`stages.cluster.projected`, timed with the clustering).
 Each measurement is a fresh process (this script with --one) that imports the pipeline (torch
 included, as the cluster stage has it), loads the vectors, then clusters: seconds are the
 clustering alone; peak RSS is the process's high-water mark (Linux's VmHWM), and "+GiB" its growth
@@ -80,11 +83,13 @@ def peak_rss_gib() -> float:
     return int(status.split("VmHWM:")[1].split()[0]) * 1024 / GIB  # kB
 
 
-def measure_one(method: str, vectors_path: str, assignment_path: str, k: int, seed: int) -> None:
-    """Child process: load, cluster, save the assignment, print seconds and RSS as JSON."""
+def measure_one(method: str, vectors_path: str, assignment_path: str, k: int, seed: int, pca_dim: int = 0,
+                whiten: bool = False) -> None:
+    """Child process: load, (project,) cluster, save the assignment, print seconds and RSS as JSON."""
     vectors = np.ascontiguousarray(np.load(vectors_path), dtype=np.float32)  # as the cluster stage loads them
     loaded = peak_rss_gib()
     started = time.perf_counter()
+    vectors = cluster.projected(vectors, cluster.Params(k=k, pca_dim=pca_dim, whiten=whiten))
     assignment = METHODS[method](vectors, k, seed)
     seconds = time.perf_counter() - started
     np.save(assignment_path, np.asarray(assignment, dtype=np.int32))
@@ -95,7 +100,8 @@ def measure(method: str, vectors_path: Path, scratch: Path, args) -> tuple[dict,
     """(seconds and RSS, assignment) of `method` on the vectors, from a fresh child process."""
     assignment_path = scratch / "assignment.npy"
     out = subprocess.run([sys.executable, __file__, "--one", method, str(vectors_path), str(assignment_path),
-                          "--k", str(args.k), "--seed", str(args.seed)],
+                          "--k", str(args.k), "--seed", str(args.seed), "--pca-dim", str(args.pca_dim),
+                          *(["--whiten"] if args.whiten else [])],
                          check=True, stdout=subprocess.PIPE, text=True, cwd=ROOT).stdout
     return json.loads(out.strip().splitlines()[-1]), np.load(assignment_path)
 
@@ -205,10 +211,12 @@ def main() -> None:
     parser.add_argument("--sklearn-kmeans-max", type=int, default=100_000)
     parser.add_argument("--noise", type=float, default=4.0, help="synthetic noise norm (centres have norm 1)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--pca-dim", type=int, default=0, help="project on this many principal components first")
+    parser.add_argument("--whiten", action="store_true", help="with --pca-dim: whiten the components")
     parser.add_argument("--one", nargs=3, metavar=("METHOD", "VECTORS", "ASSIGNMENT"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.one:
-        measure_one(*args.one, args.k, args.seed)
+        measure_one(*args.one, args.k, args.seed, args.pca_dim, args.whiten)
         return
     if args.labels and not args.workdir:
         parser.error("--labels needs --workdir")

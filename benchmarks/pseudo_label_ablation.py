@@ -47,8 +47,11 @@ ROWS = {
     "+ flip": [*SPECTRAL, "embed.flip=true"],
     "+ 2 layers": [*SPECTRAL, "embed.layers=2"],
     "+ 3 layers": [*SPECTRAL, "embed.layers=3"],
+    "+ margin 0": [*SPECTRAL, "objects.margin=0.0"],
+    "+ margin 0.2": [*SPECTRAL, "objects.margin=0.2"],
     "+ PCA 50": [*SPECTRAL, "cluster.pca_dim=50"],
     "+ PCA 50 whitened": [*SPECTRAL, "cluster.pca_dim=50", "cluster.whiten=true"],
+    "+ 10 neighbours": [*SPECTRAL, "cluster.neighbours=10"],
     "+ overcluster 2": [*SPECTRAL, "cluster.overcluster=2"],
     "+ reliability neighbours": [*SPECTRAL, "cluster.reliability=neighbours"],
     "+ core_fraction 1 (no ignore)": [*SPECTRAL, "cluster.core_fraction=1.0"],
@@ -64,7 +67,10 @@ def run_row(args, overrides: list[str], seed: int) -> dict:
     command = [sys.executable, "run_pipeline.py", "stage", "pseudo_masks", "--only", "--hash-content",
                "--images", str(args.images), "--workdir", str(args.workdir), *shlex.split(args.base), *overrides,
                f"seed={seed}"]
-    printed = subprocess.run(command, cwd=ROOT, check=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True).stdout
+    done = subprocess.run(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    if done.returncode:
+        raise SystemExit(f"{shlex.join(command)} failed ({done.returncode}):\n{done.stdout[-3000:]}")
+    printed = done.stdout
     return {"command": shlex.join(command[1:]), "recomputed": _recomputed_seconds(printed), **score(args.workdir, args.labels)}
 
 
@@ -113,7 +119,7 @@ def summary(name: str, runs: list[dict]) -> str:
     return (f"{name:38s} mIoU {stats([r['miou'] for r in runs])}  A {np.mean([r['halves']['A'] for r in runs]):.3f}"
             f"  B {np.mean([r['halves']['B'] for r in runs]):.3f}  purity {np.mean([r['purity'] for r in runs]):.3f}"
             f"  NMI {np.mean([r['nmi'] for r in runs]):.3f}  ignored {np.mean([r['ignored'] for r in runs]):.3f}"
-            f"  per seed {' '.join(f'{r['miou']:.3f}' for r in runs)}  [{timing}]")
+            f"  per seed {' '.join(format(r['miou'], '.3f') for r in runs)}  [{timing}]")
 
 
 def main() -> None:

@@ -40,15 +40,15 @@ RELIABILITY = ("distance", "neighbours")
 @dataclasses.dataclass(frozen=True)
 class Params:
     k: int = 20
-    method: str = "kmeans"  # auto | kmeans | spectral
+    method: str = "auto"  # auto | kmeans | spectral
     neighbours: int = 30  # graph neighbours of each object (itself included): spectral, merging, reliability
-    pca_dim: int = 0  # project on this many principal components first (0: no projection)
-    whiten: bool = False  # with pca_dim: each component scaled to unit variance
+    pca_dim: int = 50  # project on this many principal components first, as Leopart does (0: no projection)
+    whiten: bool = True  # each principal component scaled to unit variance (only with pca_dim)
     overcluster: int = 1  # make this many times k clusters, then merge them to k
     reliability: str = "distance"  # what ranks a cluster's objects for core_fraction: distance | neighbours
     niter: int = 300
     nredo: int = 10
-    core_fraction: float = 0.8  # per cluster, this fraction of objects nearest the centroid keep their label
+    core_fraction: float = 1.0  # per cluster, this fraction of the most reliable objects keep their label
     max_points_per_centroid: int = 256  # faiss subsamples larger sets for training (all points are assigned)
 
     def __post_init__(self):
@@ -65,8 +65,8 @@ class Params:
             raise ConfigError(f"core_fraction must be in (0, 1], got {self.core_fraction}")
         if self.max_points_per_centroid < 1:
             raise ConfigError(f"max_points_per_centroid must be >= 1, got {self.max_points_per_centroid}")
-        if self.pca_dim < 0 or (self.whiten and not self.pca_dim):
-            raise ConfigError(f"pca_dim must be >= 0 and > 0 with whiten, got {self.pca_dim}")
+        if self.pca_dim < 0:
+            raise ConfigError(f"pca_dim must be >= 0, got {self.pca_dim}")
         if not 1 <= self.overcluster <= MAX_K // self.k:
             raise ConfigError(f"overcluster must be in [1, {MAX_K // self.k}] for k={self.k}, got {self.overcluster}")
         if self.reliability not in RELIABILITY:
@@ -77,6 +77,8 @@ def key_params(cfg) -> dict:
     # settings at what version 1 did are left out, so keys made before they existed stay valid
     params = dataclasses.asdict(cfg.cluster)
     legacy = {"pca_dim": 0, "whiten": False, "overcluster": 1, "reliability": "distance"}
+    if not params["pca_dim"]:  # whitening is part of the projection
+        params["whiten"] = False
     params = {name: value for name, value in params.items() if legacy.get(name, object()) != value}
     if params["method"] == "kmeans":  # k-means keys made before `spectral` existed stay valid
         del params["method"]

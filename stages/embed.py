@@ -202,7 +202,7 @@ def _shard_rows(index_file) -> dict[str, tuple[str, int, int]]:
 def _gather(ctx, shards, kept, done) -> int:
     """Stream every kept image's rows from the shards into one memory-mapped array, in image order."""
     total = sum(done[i["key"]][2] for i in kept if i["key"] in done)
-    dim = _dim(shards, done) if total else 0
+    dim = _dim(shards, done, kept) if total else 0
     array = np.lib.format.open_memmap(ctx.out / "embeddings.npy", mode="w+", dtype=np.float32, shape=(total, dim))
     image_index = np.zeros(total, np.int32)
     object_id = np.zeros(total, np.int32)
@@ -224,6 +224,7 @@ def _gather(ctx, shards, kept, done) -> int:
     return total
 
 
-def _dim(shards, done) -> int:
-    shard_id = next(iter(done.values()))[0]
+def _dim(shards, done, kept) -> int:
+    """The vectors' length, from a shard of this entry's own (other settings may be longer or shorter)."""
+    shard_id = next(done[i["key"]][0] for i in kept if i["key"] in done)
     return int(np.load(shards / f"{shard_id}.npy", mmap_mode="r").shape[1])

@@ -124,6 +124,12 @@ def test_layers_join_the_last_stages_each_normalised():
     np.testing.assert_allclose(np.linalg.norm(both[:, :48], axis=1), 1 / np.sqrt(2), atol=1e-5)
 
 
+def test_embeddings_of_two_lengths_share_a_workdir(images, tmp_path):
+    for layers, dim in ((2, 96), (1, 48)):  # the second finds the first one's shard first
+        keys = runner.run(tiny_config(f"embed.layers={layers}"), images, tmp_path / "wd", start="embed", only=True, log=quiet)
+        assert np.load(tmp_path / "wd" / "cache" / "embed" / keys["embed"] / "embeddings.npy").shape[1] == dim
+
+
 def test_whitening_separates_two_clusters_that_kmeans_alone_splits_by_a_nuisance():
     # every vector = a shared direction + a large nuisance (viewpoint, lighting) + a small class signal:
     # the cosine is dominated by the nuisance, so spherical k-means halves the nuisance's range
@@ -144,9 +150,9 @@ def test_whitening_separates_two_clusters_that_kmeans_alone_splits_by_a_nuisance
         params = cluster.Params(k=2, method="kmeans", nredo=3, **projection)
         return cluster.spherical_kmeans(cluster.projected(unit, params), params, 0)[1]
 
-    assert purity(kmeans()) < 0.6 and purity(kmeans(pca_dim=4)) < 0.6  # reducing alone keeps the nuisance
+    assert purity(kmeans(pca_dim=0)) < 0.6 and purity(kmeans(pca_dim=4, whiten=False)) < 0.6  # reducing alone keeps the nuisance
     assert purity(kmeans(pca_dim=4, whiten=True)) > 0.95
-    reduced = cluster.projected(unit, cluster.Params(k=2, pca_dim=4))
+    reduced = cluster.projected(unit, cluster.Params(k=2, pca_dim=4, whiten=False))
     assert reduced.shape == (n, 4)
     np.testing.assert_allclose(np.linalg.norm(reduced, axis=1), 1.0, atol=1e-5)
 
