@@ -212,9 +212,9 @@ def test_spectral_clustering_follows_rings_that_kmeans_cuts_across():
 
 
 def test_cluster_keys_of_kmeans_runs_hold_no_spectral_settings():
-    kmeans, spectral = tiny_config(), tiny_config("cluster.method=spectral")
+    kmeans, spectral = tiny_config("cluster.method=kmeans"), tiny_config("cluster.method=spectral")
     assert "method" not in cluster.key_params(kmeans) and "neighbours" not in cluster.key_params(kmeans)
-    assert cluster.key_params(tiny_config("cluster.neighbours=10")) == cluster.key_params(kmeans)
+    assert cluster.key_params(tiny_config("cluster.method=kmeans", "cluster.neighbours=10")) == cluster.key_params(kmeans)
     assert cluster.key_params(spectral)["method"] == "spectral"
     assert cluster.key_params(tiny_config("cluster.method=spectral", "cluster.neighbours=10")) != cluster.key_params(spectral)
 
