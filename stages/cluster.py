@@ -29,7 +29,9 @@ from pipeline.context import Context
 from pipeline.errors import ConfigError, InputError
 from pipeline.faiss_runtime import faiss
 
-VERSION = 1
+VERSION = 2  # 2: dense eigen-solve up to DENSE_EIGEN_MAX objects (ARPACK was not repeatable on repeated eigenvalues); PCA keeps only spanned components
+SPANNED = 1e-6  # a principal component with less than this share of the first one's variance is not spanned
+DENSE_EIGEN_MAX = 2000  # objects up to which the graph's eigenvectors come from a dense solve (32 MB, ~1 s)
 MAX_K = 254  # mask values: 0 background, 1..k clusters, 255 ignore
 # Spectral's exact kNN graph costs n^2: 1.9 s at 10^4 objects and 81 s at 10^5 (benchmarks/clustering.py),
 # still a small part of embedding that many crops (about an hour for 10^5 here); 10^6 would take hours.
@@ -122,12 +124,20 @@ def resolved_method(method: str, objects: int) -> str:
 
 def projected(vectors: np.ndarray, params: Params) -> np.ndarray:
     """The vectors on their `pca_dim` principal components (whitened with `whiten`), L2-normalised;
-    unchanged without pca_dim. At most n - 1 components: n points span no more."""
-    if not params.pca_dim:
-        return vectors
+    unchanged without pca_dim. Only components the vectors really span are kept (at most n - 1, fewer
+    when objects repeat): whitening one of variance ~0 would divide by ~0 and fill the vectors with NaN."""
     dim = min(params.pca_dim, vectors.shape[1], len(vectors) - 1)
-    pca = faiss.PCAMatrix(vectors.shape[1], dim, -0.5 if params.whiten else 0.0, False)
+    if dim < 1:
+        return vectors
+    pca = faiss.PCAMatrix(vectors.shape[1], dim, 0.0, False)
     pca.train(vectors)
+    variance = faiss.vector_to_array(pca.eigenvalues)[:dim]
+    spanned = int((variance > SPANNED * variance[0]).sum()) if variance[0] > 0 else 0
+    if spanned < 1:  # every vector the same: nothing to project
+        return vectors
+    if spanned < dim or params.whiten:
+        pca = faiss.PCAMatrix(vectors.shape[1], spanned, -0.5 if params.whiten else 0.0, False)
+        pca.train(vectors)
     return _unit(pca.apply(vectors))
 
 
@@ -204,11 +214,13 @@ def graph_partition(graph: scipy.sparse.csr_matrix, params: Params, seed: int) -
     nodes = graph.shape[0]
     inverse_sqrt_degree = 1.0 / np.sqrt(np.asarray(graph.sum(axis=1)).ravel())
     normalised = scipy.sparse.diags(inverse_sqrt_degree) @ graph @ scipy.sparse.diags(inverse_sqrt_degree)
-    start = np.random.default_rng(seed).uniform(-1.0, 1.0, nodes)  # ARPACK's start vector, seeded
-    if params.k < nodes:
-        _, eigenvectors = scipy.sparse.linalg.eigsh(normalised, k=params.k, which="LA", v0=start)
-    else:  # ARPACK needs k < n; a dense solve is cheap at this size
+    if nodes <= DENSE_EIGEN_MAX or params.k >= nodes:
+        # LAPACK's dense solve returns the same vectors every time, even for a repeated eigenvalue (a graph
+        # as dense as complete, on a few objects), where ARPACK's Lanczos run picks another basis each call
         eigenvectors = np.linalg.eigh(normalised.toarray())[1][:, -params.k:]
+    else:
+        start = np.random.default_rng(seed).uniform(-1.0, 1.0, nodes)  # ARPACK's start vector, seeded
+        _, eigenvectors = scipy.sparse.linalg.eigsh(normalised, k=params.k, which="LA", v0=start)
     return kmeans_plus_plus(np.ascontiguousarray(eigenvectors * inverse_sqrt_degree[:, None], dtype=np.float32),
                             params, seed)
 
