@@ -29,7 +29,7 @@ from pipeline.context import Context
 from pipeline.errors import ConfigError, InputError
 from pipeline.faiss_runtime import faiss
 
-VERSION = 2  # 2: dense eigen-solve up to DENSE_EIGEN_MAX objects (ARPACK was not repeatable on repeated eigenvalues); PCA keeps only spanned components
+VERSION = 3  # 3 (2 was never released): dense eigen-solve up to DENSE_EIGEN_MAX objects (ARPACK was not repeatable on repeated eigenvalues); PCA keeps only spanned components
 SPANNED = 1e-6  # a principal component with less than this share of the first one's variance is not spanned
 DENSE_EIGEN_MAX = 2000  # objects up to which the graph's eigenvectors come from a dense solve (32 MB, ~1 s)
 MAX_K = 254  # mask values: 0 background, 1..k clusters, 255 ignore
@@ -44,8 +44,8 @@ class Params:
     k: int = 20
     method: str = "auto"  # auto | kmeans | spectral
     neighbours: int = 30  # graph neighbours of each object (itself included): spectral, merging, reliability
-    pca_dim: int = 50  # project on this many principal components first, as Leopart does (0: no projection)
-    whiten: bool = True  # each principal component scaled to unit variance (only with pca_dim)
+    pca_dim: int = 0  # project on this many principal components first, as Leopart does (0: no projection)
+    whiten: bool = False  # each principal component scaled to unit variance (only with pca_dim)
     overcluster: int = 1  # make this many times k clusters, then merge them to k
     reliability: str = "distance"  # what ranks a cluster's objects for core_fraction: distance | neighbours
     niter: int = 300
