@@ -4,7 +4,6 @@ keys by content, not by path."""
 from __future__ import annotations
 
 import os
-import shutil
 
 import cv2
 import numpy as np
