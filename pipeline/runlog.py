@@ -13,7 +13,7 @@ import traceback
 from pathlib import Path
 from typing import Callable
 
-from pipeline.lock import LOCK
+from pipeline.lock import LOCK, WorkdirBusyError, workdir_lock
 
 
 class _Tee:
@@ -71,8 +71,12 @@ def remove_if_unused(workdir: Path) -> None:
     logs = [p for p in files if p.parent == workdir / "logs" and p.suffix == ".log"]
     if len(logs) > 1 or any(p not in logs and p != workdir / LOCK for p in files):
         return
-    for path in files:
-        path.unlink()
+    try:
+        with workdir_lock(workdir):  # a command that started in it meanwhile holds the lock: then it all stays
+            for path in files:
+                path.unlink(missing_ok=True)
+    except WorkdirBusyError:
+        return
     try:  # a folder that gained a file meanwhile (another process) is not empty: it stays, with that file
         for folder in sorted((p for p in workdir.rglob("*") if p.is_dir()), key=lambda p: len(p.parts), reverse=True):
             folder.rmdir()
