@@ -28,6 +28,7 @@ import scipy.sparse.linalg
 from pipeline.context import Context
 from pipeline.errors import ConfigError, InputError
 from pipeline.faiss_runtime import faiss
+from pipeline.outputs import Clusters, load_embeddings, save_clusters
 
 VERSION = 3  # 3 (2 was never released): dense eigen-solve up to DENSE_EIGEN_MAX objects (ARPACK was not repeatable on repeated eigenvalues); PCA keeps only spanned components
 SPANNED = 1e-6  # a principal component with less than this share of the first one's variance is not spanned
@@ -98,7 +99,7 @@ def check_counts(params: Params, counts: dict[str, dict]) -> None:
 
 
 def run(ctx: Context, params: Params) -> dict:
-    vectors = np.ascontiguousarray(np.load(ctx.upstream["embed"] / "embeddings.npy"), dtype=np.float32)
+    vectors = np.ascontiguousarray(load_embeddings(ctx.upstream["embed"]), dtype=np.float32)
     if len(vectors) < params.k:
         raise InputError(f"cluster.k={params.k} but only {len(vectors)} objects were found; lower cluster.k "
                          f"or lower objects.min_area")
@@ -107,10 +108,7 @@ def run(ctx: Context, params: Params) -> dict:
     unit = projected(vectors, params)
     centroids, assignment, distance = clustered(unit, params, ctx.cfg.seed)
     core = core_mask(assignment, unreliability(unit, assignment, distance, params), params.k, params.core_fraction)
-    np.save(ctx.out / "centroids.npy", centroids)
-    np.save(ctx.out / "assignments.npy", assignment)
-    np.save(ctx.out / "distances.npy", distance)
-    np.save(ctx.out / "core.npy", core)
+    save_clusters(ctx.out, centroids, Clusters(assignment, distance, core))
     sizes = np.bincount(assignment, minlength=params.k)
     return {"objects": len(vectors), "method": method, "core_objects": int(core.sum()), "cluster_sizes": sizes.tolist(),
             f"{method}_seconds": round(time.perf_counter() - started, 3)}

@@ -28,7 +28,7 @@ from pipeline.backbones import build_backbone, resolve_weights, weights_key
 from pipeline.context import Context, item_key, write_items
 from pipeline.errors import ConfigError, InputError
 from pipeline.images import decoded
-from stages.objects import load_objects, object_file
+from pipeline.outputs import EMBEDDING_ROWS, EMBEDDINGS, load_objects, object_file
 
 VERSION = 1
 VIEWS = ("context", "grey", "blur")
@@ -203,7 +203,7 @@ def _gather(ctx, shards, kept, done) -> int:
     """Stream every kept image's rows from the shards into one memory-mapped array, in image order."""
     total = sum(done[i["key"]][2] for i in kept if i["key"] in done)
     dim = _dim(shards, done, kept) if total else 0
-    array = np.lib.format.open_memmap(ctx.out / "embeddings.npy", mode="w+", dtype=np.float32, shape=(total, dim))
+    array = np.lib.format.open_memmap(ctx.out / EMBEDDINGS, mode="w+", dtype=np.float32, shape=(total, dim))
     image_index = np.zeros(total, np.int32)
     object_id = np.zeros(total, np.int32)
     opened, row = {}, 0
@@ -220,7 +220,7 @@ def _gather(ctx, shards, kept, done) -> int:
         row += count
     array.flush()
     del array
-    np.savez(ctx.out / "objects.npz", image_index=image_index, object_id=object_id)
+    np.savez(ctx.out / EMBEDDING_ROWS, image_index=image_index, object_id=object_id)
     return total
 
 

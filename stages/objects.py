@@ -12,22 +12,19 @@ of their pixels, or made background.
 from __future__ import annotations
 
 import dataclasses
-import io
 from pathlib import Path
 
 import cv2
 import numpy as np
 import scipy.ndimage
 
-from pipeline.artifacts import atomic_write
 from pipeline.context import Context, item_key, write_items
-from pipeline.errors import CacheCorruptError, ConfigError
+from pipeline.errors import ConfigError
 from pipeline.images import decoded
+from pipeline.outputs import IGNORE, load_objects, mask_file, object_file, read_mask, save_objects
 from pipeline.refine import RefineParams, refine_labels
-from stages.saliency import mask_file
 
 VERSION = 1
-IGNORE = 255
 SMALL_COMPONENTS = ("ignore", "nearest", "background")
 
 
@@ -78,7 +75,7 @@ def run(ctx: Context, params: Params) -> dict:
             ctx.skip(entries[index]["image"], reason)
             failed.add(index)
         else:
-            _save(object_file(ctx.store, keys[index]), *found)
+            save_objects(object_file(ctx.store, keys[index]), *found)
     items, total_objects = [], 0
     for index, (entry, key) in enumerate(zip(entries, keys)):
         if index in failed:
@@ -96,7 +93,7 @@ def _found_objects(ctx: Context, params: Params, entries: list[dict]):
     workers) only when refinement needs them."""
     masks = [mask_file(ctx.store, e["key"]) for e in entries]
     if params.refine.method == "none":
-        return ((i, find_objects(_read_mask(path), params), None) for i, path in enumerate(masks))
+        return ((i, find_objects(read_mask(path), params), None) for i, path in enumerate(masks))
     records = {r.rel: r for r in ctx.images}
     return decoded([records[e["image"]].path for e in entries], _FindObjects(masks, params), workers=ctx.cfg.workers)
 
@@ -108,7 +105,7 @@ class _FindObjects:
         self.masks, self.params = masks, params
 
     def __call__(self, index: int, rgb: np.ndarray):
-        return find_objects(_read_mask(self.masks[index]), self.params, rgb)
+        return find_objects(read_mask(self.masks[index]), self.params, rgb)
 
 
 def find_objects(mask: np.ndarray, params: Params, rgb: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
@@ -173,26 +170,3 @@ def _with_margin(x0, y0, x1, y1, margin, width, height):
     return max(0, x0 - dx), max(0, y0 - dy), min(width, x1 + dx), min(height, y1 + dy)
 
 
-def object_file(store, key: str) -> Path:
-    return store.items("objects") / f"{key}.npz"
-
-
-def load_objects(path: Path) -> tuple[np.ndarray, np.ndarray]:
-    try:
-        with np.load(path) as data:
-            return data["object_map"], data["boxes"]
-    except (OSError, KeyError, ValueError) as exc:
-        raise CacheCorruptError(f"cannot read cached objects {path}: {exc}; delete it to recompute") from None
-
-
-def _save(path: Path, object_map: np.ndarray, boxes: np.ndarray) -> None:
-    buffer = io.BytesIO()
-    np.savez_compressed(buffer, object_map=object_map, boxes=boxes)
-    atomic_write(path, lambda tmp: tmp.write_bytes(buffer.getvalue()))
-
-
-def _read_mask(path: Path) -> np.ndarray:
-    mask = cv2.imread(str(path), cv2.IMREAD_GRAYSCALE)
-    if mask is None:
-        raise CacheCorruptError(f"cannot read cached saliency mask {path}; delete it to recompute")
-    return mask

@@ -9,10 +9,9 @@ import dataclasses
 
 import numpy as np
 
-from pipeline.artifacts import read_json
-from pipeline.context import ITEMS, Context, write_items
+from pipeline.context import Context, write_items
 from pipeline.images import stem_of, write_label_png
-from stages.objects import IGNORE, load_objects, object_file
+from pipeline.outputs import IGNORE, embedding_rows, load_clusters, load_objects, object_file
 
 VERSION = 1
 
@@ -28,11 +27,9 @@ def key_params(cfg) -> dict:
 
 def run(ctx: Context, params: Params) -> dict:
     items = ctx.upstream_items("embed")
-    with np.load(ctx.upstream["embed"] / "objects.npz") as rows:
-        image_index, object_id = rows["image_index"], rows["object_id"]
-    assignment = np.load(ctx.upstream["cluster"] / "assignments.npy")
-    core = np.load(ctx.upstream["cluster"] / "core.npy")
-    label_of_row = np.where(core, assignment + 1, IGNORE)
+    image_index, object_id = embedding_rows(ctx.upstream["embed"])
+    clusters = load_clusters(ctx.upstream["cluster"])
+    label_of_row = np.where(clusters.core, clusters.assignment + 1, IGNORE)
     # Rows are grouped by image in item order: one lookup table per image maps object id -> label.
     starts = np.searchsorted(image_index, np.arange(len(items) + 1))
     written = []
@@ -47,8 +44,3 @@ def run(ctx: Context, params: Params) -> dict:
         written.append({"image": item["image"], "mask": name})
     write_items(ctx.out, written)
     return {"images": len(written), "classes": ctx.cfg.cluster.k + 1}
-
-
-def masks_of(entry) -> list[dict]:
-    """[{image, mask}] of a finished pseudo_masks entry; mask paths are relative to the entry."""
-    return read_json(entry / ITEMS)

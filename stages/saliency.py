@@ -34,6 +34,7 @@ from pipeline.context import Context, item_key, write_items
 from pipeline.refine import RefineParams, refine_scores
 from pipeline.errors import ConfigError, InputError
 from pipeline.images import DEFAULT_MAX_PIXELS, IMAGE_SUFFIXES, decoded
+from pipeline.outputs import mask_file
 
 VERSION = 2  # 2: uniform photos have no foreground
 SPECTRAL_GRID = 28  # patches per side when input_size is 0
@@ -158,11 +159,6 @@ def is_uniform(rgb: np.ndarray) -> bool:
     """True for a photo with nothing in it to segment: every channel's standard deviation is at most
     UNIFORM_STD grey levels (JPEG noise on a flat grey spreads its range to 14 levels, not its spread)."""
     return bool(rgb.reshape(-1, rgb.shape[-1]).std(axis=0).max() <= UNIFORM_STD)
-
-
-def mask_file(store, key: str) -> Path:
-    """Where the mask of the saliency item `key` is stored."""
-    return store.items("saliency") / f"{key}.png"
 
 
 def _parent(record, masks: dict[str, Path]) -> str:

@@ -27,11 +27,12 @@ import torch.distributed as dist
 from PIL import Image
 from torch import nn
 
-from pipeline.artifacts import atomic_write, read_json
+from pipeline.artifacts import atomic_write
 from pipeline.backbones import IMAGENET_MEAN, IMAGENET_STD, BackboneName, BackboneParams, resolve_weights, weights_key
-from pipeline.context import ITEMS, Context, write_items
+from pipeline.context import Context, write_items
 from pipeline.errors import ConfigError, InputError
 from pipeline.images import BadImage, load_rgb, read_label_png, stem_of, write_label_png
+from pipeline.outputs import IGNORE, TRAIN_LOG, class_count, read_items
 from pipeline.segmenter import Segmenter, load_checkpoint, save_checkpoint, set_rng_state
 
 VERSION = 9  # 2: MobileNetV2 dilated to output stride 16; 3: 320-channel MobileNetV2 head, poly lr, class balance,
@@ -40,7 +41,6 @@ VERSION = 9  # 2: MobileNetV2 dilated to output stride 16; 3: 320-channel Mobile
 # 7: predictions at the training crops' mean scale (predict_size), not at base_size;
 # 8: every round balanced on its own targets; 9: a dataset smaller than the batch is repeated to fill it
 # (a batch of one sample crashed BatchNorm), so every step sees batch_size samples
-IGNORE = 255
 MIN_BATCH = 2  # BatchNorm in training needs 2 samples per channel (the head's image-pooling branch is 1x1)
 
 
@@ -102,8 +102,8 @@ def check(ctx: Context, params: Params) -> None:
 def run(ctx: Context, params: Params) -> dict:
     rank, world = _world()
     entry = ctx.upstream["pseudo_masks"]
-    items = read_json(entry / ITEMS)
-    num_classes = read_json(entry / "manifest.json")["counts"]["classes"]
+    items = read_items(entry)
+    num_classes = class_count(entry)
     records = {r.rel: r for r in ctx.images}
     images = [records[i["image"]].path for i in items]
     _check_pairs(images, [entry / i["mask"] for i in items])
@@ -125,7 +125,7 @@ def run(ctx: Context, params: Params) -> dict:
         shutil.copyfile(work / f"round{params.rounds}_best.pt", ctx.out / "best.pt")
         shutil.copytree(work / f"round{params.rounds}_masks", ctx.out / "masks")
         write_items(ctx.out, [{"image": i["image"], "mask": f"masks/{stem_of(i['image'])}.png"} for i in items])
-        with open(ctx.out / "train_log.csv", "w", newline="") as f:
+        with open(ctx.out / TRAIN_LOG, "w", newline="") as f:
             writer = csv.DictWriter(f, fieldnames=["round", "epoch", "loss", "lr", "seconds"])
             writer.writeheader()
             writer.writerows(log_rows)
