@@ -97,7 +97,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _config(args):
-    from pipeline.config import load_config
+    from pipeline.runner import load_config
 
     overrides = list(args.overrides)
     for name in ("device", "workers", "seed"):
@@ -203,28 +203,28 @@ def _command(args) -> int:
                 when = f"{row['seconds']:8.1f}s  {row['finished']}" if row["seconds"] is not None else ""
                 print(f"{row['stage']:<13} {row['status']:<8} {row['key'][:12]}  {size}  {when}")
         elif args.command == "export":
-            from stages.export import export_workdir
+            from commands.export import export_workdir
 
             meta = export_workdir(args.workdir, args.to, args.format, _chosen_clusters(args), args.names)
             print(f"exported {meta['images']} images ({meta['split']['train']} train, {meta['split']['val']} val), "
                   f"clusters {','.join(map(str, meta['clusters']))}, as {args.format} to {args.to}")
         elif args.command == "report":
-            from stages.report import report_workdir
+            from commands.report import report_workdir
 
             index = report_workdir(args.workdir, args.out, args.labels, args.names, _chosen_clusters(args), args.classes)
             print(f"report written: {index}")
         elif args.command == "evaluate":
-            from stages.evaluate import evaluate_workdir
+            from commands.evaluate import evaluate_workdir
 
             print(json.dumps(evaluate_workdir(args.workdir, args.labels, args.source, args.classes), indent=1))
         elif args.command == "predict":
-            from stages.predict import predict_folder
+            from commands.predict import predict_folder
 
             summary = predict_folder(args.checkpoint, args.images, args.out, runner.resolve_device(args.device),
                                      args.workers, args.strict)
             print(f"predicted {summary['computed']} images ({summary['images']} in all) into {args.out}")
         elif args.command == "demo":
-            from pipeline.demo import run_demo
+            from commands.demo import run_demo
 
             run_demo(Path(args.workdir), args.count, args.weights)
             _save_effective_config(args.workdir)

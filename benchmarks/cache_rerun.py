@@ -17,7 +17,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from pipeline.demo import make_shapes  # noqa: E402
+from commands.demo import make_shapes  # noqa: E402
 
 DEFAULTS = ["backbone.name=vit_tiny_random", "train.backbone=vit_tiny_random", "train.epochs=1",
             "train.crop_size=128", "train.base_size=128", "cluster.k=4"]

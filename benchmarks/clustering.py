@@ -134,12 +134,11 @@ def synthetic(path: Path, n: int, k: int, noise: float, seed: int) -> np.ndarray
 def real(workdir: Path, labels_dir: Path | None) -> tuple[Path, np.ndarray]:
     """(embeddings.npy of the run's embed entry, each object's majority ground-truth class or -1)."""
     # imported here, not at the top, so that the measured child processes do not load them
+    from commands.evaluate import label_files
     from pipeline.artifacts import read_json
-    from pipeline.context import ITEMS
     from pipeline.images import read_label_png
+    from pipeline.outputs import IGNORE, ITEMS, load_objects, object_file
     from pipeline.runner import Workdir
-    from stages.evaluate import IGNORE, label_files
-    from stages.objects import load_objects, object_file
 
     wd = Workdir(workdir)
     entry = wd.latest_entry("embed")

@@ -19,7 +19,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from pipeline.images import read_label_png  # noqa: E402
-from stages.train import IGNORE, Params, PseudoLabelled  # noqa: E402
+from pipeline.outputs import IGNORE  # noqa: E402
+from stages.train import Params, PseudoLabelled  # noqa: E402
 
 
 def background_share(labels: torch.Tensor) -> tuple[int, int]:

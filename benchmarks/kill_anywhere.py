@@ -17,7 +17,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from pipeline.demo import make_shapes  # noqa: E402
+from commands.demo import make_shapes  # noqa: E402
 from tests.conftest import TINY  # noqa: E402
 from tests.kill_harness import artifacts, random_kills, run_with_kills, segmenter_miou  # noqa: E402
 

@@ -25,7 +25,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from pipeline.images import list_images, load_rgb, read_label_png  # noqa: E402
-from stages.evaluate import IGNORE, label_files  # noqa: E402
+from commands.evaluate import label_files  # noqa: E402
+from pipeline.outputs import IGNORE  # noqa: E402
 from stages.saliency import Params, _OnnxSaliency, at_input_size, float32_model  # noqa: E402
 
 

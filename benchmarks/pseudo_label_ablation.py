@@ -86,10 +86,10 @@ def _recomputed_seconds(printed: str) -> dict[str, float]:
 
 def score(workdir: Path, labels_dir: Path) -> dict:
     from clustering import real, scores
+    from commands import evaluate
     from pipeline.artifacts import read_json
-    from pipeline.context import ITEMS
+    from pipeline.outputs import ITEMS
     from pipeline.runner import Workdir
-    from stages import evaluate
 
     metrics = evaluate.evaluate_workdir(workdir, labels_dir)
     wd = Workdir(workdir)

@@ -21,7 +21,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from pipeline.demo import make_shapes  # noqa: E402
+from commands.demo import make_shapes  # noqa: E402
 
 DEFAULTS = ["backbone.name=vit_tiny_random", "saliency.input_size=112", "cluster.k=4"]
 # Runs the CLI in a child and reports the child's wall time and peak RSS (KiB on Linux).

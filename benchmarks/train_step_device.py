@@ -21,7 +21,8 @@ sys.path.insert(0, str(ROOT))
 
 from pipeline.backbones import BackboneParams  # noqa: E402
 from pipeline.segmenter import Segmenter  # noqa: E402
-from stages.train import IGNORE, train_step  # noqa: E402
+from pipeline.outputs import IGNORE  # noqa: E402
+from stages.train import train_step  # noqa: E402
 
 
 def seconds_per_step(device: torch.device, images: torch.Tensor, masks: torch.Tensor, steps: int) -> float:

@@ -1,8 +1,9 @@
-"""Run configuration: one frozen dataclass per stage plus run-level settings.
+"""Run configuration: the run-level settings and the machinery that reads a config into frozen dataclasses.
 
 A config comes from defaults, then an optional YAML file, then `section.key=value`
 overrides. Unknown keys, wrong types and invalid values raise ConfigError, naming the
-key, before any work starts.
+key, before any work starts. The composed config, these settings plus one section per stage
+(each stage's `Params`), is `pipeline.runner.Config`: the frame knows no stage.
 """
 from __future__ import annotations
 
@@ -11,27 +12,22 @@ import math
 import types
 import typing
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import yaml
 
 from pipeline.backbones import BackboneParams
 from pipeline.errors import ConfigError
 from pipeline.images import DEFAULT_MAX_PIXELS
-from stages import cluster, embed, objects, pseudo_masks, saliency, train
 
 DEVICES = ("cpu", "cuda", "auto")
+T = TypeVar("T")
 
 
 @dataclasses.dataclass(frozen=True)
-class Config:
+class RunConfig:
+    """What every stage may read besides its own section: the backbone they share and how the run goes."""
     backbone: BackboneParams = BackboneParams()
-    saliency: saliency.Params = saliency.Params()
-    objects: objects.Params = objects.Params()
-    embed: embed.Params = embed.Params()
-    cluster: cluster.Params = cluster.Params()
-    pseudo_masks: pseudo_masks.Params = pseudo_masks.Params()
-    train: train.Params = train.Params()
     seed: int = 0
     device: Literal["cpu", "cuda", "auto"] = "cpu"
     workers: int = 2
@@ -49,8 +45,8 @@ class Config:
         return dataclasses.asdict(self)
 
 
-def load_config(path: str | Path | None = None, overrides: typing.Sequence[str] = ()) -> Config:
-    """Defaults <- YAML file <- `section.key=value` overrides, validated into a Config."""
+def parse_config(cls: type[T], path: str | Path | None = None, overrides: typing.Sequence[str] = ()) -> T:
+    """Defaults <- YAML file <- `section.key=value` overrides, validated into the dataclass `cls`."""
     raw: dict[str, Any] = {}
     if path is not None:
         path = Path(path)
@@ -76,7 +72,7 @@ def load_config(path: str | Path | None = None, overrides: typing.Sequence[str] 
             node[leaf] = yaml.safe_load(text) if text else ""
         except yaml.YAMLError:
             node[leaf] = text
-    return _build(Config, raw, prefix="")
+    return _build(cls, raw, prefix="")
 
 
 def _build(cls, raw: dict, prefix: str):
@@ -139,6 +135,6 @@ def _coerce(value, kind, key: str):
     raise TypeError(f"unsupported annotation for {key}: {kind}")
 
 
-def load_config_dict(raw: dict) -> Config:
-    """A Config from a dict such as `Config.to_dict()` wrote (the workdir's state)."""
-    return _build(Config, raw, prefix="")
+def config_from_dict(cls: type[T], raw: dict) -> T:
+    """A `cls` from a dict such as its `to_dict()` wrote (the workdir's state)."""
+    return _build(cls, raw, prefix="")

@@ -4,24 +4,19 @@ from __future__ import annotations
 import dataclasses
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import torch
 from tqdm import tqdm
 
-from pipeline.artifacts import ArtifactStore, read_json, stable_hash, write_json
+from pipeline.artifacts import ArtifactStore, stable_hash, write_json
+from pipeline.config import RunConfig
 from pipeline.errors import InputError
 from pipeline.images import ImageRecord
-
-if TYPE_CHECKING:  # pipeline.config imports the stages, which import this module
-    from pipeline.config import Config
-
-ITEMS = "items.json"
-
+from pipeline.outputs import ITEMS, read_items
 
 @dataclasses.dataclass
 class Context:
-    cfg: Config
+    cfg: RunConfig  # pipeline.runner.Config: these settings plus each stage's section, by stage name
     images: list[ImageRecord]
     store: ArtifactStore
     out: Path  # the temporary folder of the entry being written
@@ -43,7 +38,7 @@ class Context:
         return tqdm(iterable, desc=desc, total=total, unit=unit, disable=None, leave=False, dynamic_ncols=True)
 
     def upstream_items(self, stage: str) -> list[dict]:
-        return read_json(self.upstream[stage] / ITEMS)
+        return read_items(self.upstream[stage])
 
 
 def item_key(stage: str, version: int, params, parent: str) -> str:

@@ -15,9 +15,9 @@ import numpy as np
 import yaml
 
 from pipeline.errors import InputError
+from pipeline.outputs import IGNORE
 
 BACKGROUND_NAME, IGNORE_NAME = "background", "ignore"  # names that send a cluster to mask value 0 or 255
-IGNORE_VALUE = 255
 
 
 @dataclasses.dataclass(frozen=True)
@@ -59,9 +59,9 @@ def load_names(path: str | Path, k: int) -> dict[int, str]:
 
 def classes_of(k: int, names: dict[int, str]) -> Classes:
     """The classes of a run with `k` clusters named by `names` (see the module's docstring)."""
-    values = {BACKGROUND_NAME: 0, IGNORE_NAME: IGNORE_VALUE}
+    values = {BACKGROUND_NAME: 0, IGNORE_NAME: IGNORE}
     of_cluster = [values.setdefault(cluster_name(c, names), len(values) - 1) for c in range(k)]
-    classes = sorted((v, n) for n, v in values.items() if v != IGNORE_VALUE)
+    classes = sorted((v, n) for n, v in values.items() if v != IGNORE)
     return Classes(tuple(n for _, n in classes), tuple(of_cluster))
 
 

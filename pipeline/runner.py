@@ -15,13 +15,14 @@ import sys
 import time
 from pathlib import Path
 from types import ModuleType
+from typing import Sequence
 
 import torch
 import torch.distributed as dist
 
 from pipeline import digests
 from pipeline.artifacts import MANIFEST, ArtifactStore, read_json, stable_hash, write_json
-from pipeline.config import Config, load_config_dict
+from pipeline.config import RunConfig, config_from_dict, parse_config
 from pipeline.context import Context
 from pipeline.errors import ConfigError, InputError, StorageError
 from pipeline.heap import fix_mmap_threshold
@@ -54,6 +55,27 @@ STAGES = (
 )
 DISTRIBUTED = ("train",)  # the stages that run in every process under torchrun
 STAGE_NAMES = tuple(s.name for s in STAGES)
+
+
+@dataclasses.dataclass(frozen=True)
+class Config(RunConfig):
+    """The whole config: the run-level settings and one section per stage, named as the stage."""
+    saliency: saliency.Params = saliency.Params()
+    objects: objects.Params = objects.Params()
+    embed: embed.Params = embed.Params()
+    cluster: cluster.Params = cluster.Params()
+    pseudo_masks: pseudo_masks.Params = pseudo_masks.Params()
+    train: train.Params = train.Params()
+
+
+def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -> Config:
+    """Defaults <- YAML file <- `section.key=value` overrides, validated into a Config."""
+    return parse_config(Config, path, overrides)
+
+
+def load_config_dict(raw: dict) -> Config:
+    """A Config from a dict such as `Config.to_dict()` wrote (the workdir's state)."""
+    return config_from_dict(Config, raw)
 
 
 @dataclasses.dataclass(frozen=True)

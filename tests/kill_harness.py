@@ -102,6 +102,6 @@ def artifacts(workdir: Path) -> dict[str, bytes]:
 
 
 def segmenter_miou(workdir: Path, labels: Path) -> float:
-    from stages.evaluate import evaluate_workdir
+    from commands.evaluate import evaluate_workdir
 
     return evaluate_workdir(workdir, labels, "segmenter")["miou"]

@@ -1,4 +1,4 @@
-"""pipeline.config: defaults <- YAML file <- `section.key=value` overrides, validated into a frozen Config."""
+"""pipeline.config (through pipeline.runner.Config): defaults <- YAML file <- `section.key=value` overrides, validated into a frozen Config."""
 from __future__ import annotations
 
 import dataclasses
@@ -7,7 +7,7 @@ import json
 import pytest
 
 from pipeline.backbones import BackboneParams
-from pipeline.config import Config, load_config, load_config_dict
+from pipeline.runner import Config, load_config, load_config_dict
 from pipeline.errors import ConfigError
 from stages import cluster, objects, saliency
 

@@ -18,10 +18,10 @@ from conftest import ROOT, quiet, tiny_config
 from pipeline import runner
 from pipeline.artifacts import read_json
 from pipeline.errors import CacheCorruptError, InputError
-from stages.evaluate import evaluate_workdir, metrics_file
-from stages.export import export_id, export_workdir
-from stages.predict import predict_folder
-from stages.report import report_workdir
+from commands.evaluate import evaluate_workdir, metrics_file
+from commands.export import export_id, export_workdir
+from commands.predict import predict_folder
+from commands.report import report_workdir
 
 
 @pytest.fixture

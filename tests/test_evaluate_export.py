@@ -12,8 +12,8 @@ from pycocotools.coco import COCO
 from pipeline import runner
 from pipeline.errors import InputError
 from pipeline.images import write_label_png
-from stages.evaluate import accumulate, evaluate_workdir, metrics_file, scores
-from stages.export import export_id, export_workdir, in_val
+from commands.evaluate import accumulate, evaluate_workdir, metrics_file, scores
+from commands.export import export_id, export_workdir, in_val
 from tests.conftest import quiet, tiny_config
 
 

@@ -13,7 +13,7 @@ import pytest
 import yaml
 
 import run_pipeline
-from pipeline.demo import STANDIN_PACKAGE, demo_weights, standin_weights
+from commands.demo import STANDIN_PACKAGE, demo_weights, standin_weights
 from pipeline.errors import WeightsNotFoundError
 from tests.conftest import TINY
 
@@ -155,7 +155,7 @@ def _names_file(tmp_path: Path, text: str) -> Path:
 
 def test_one_name_merges_clusters_and_ignore_drops_one_in_the_voc_export(finished_run, tmp_path):
     from pipeline.images import read_label_png
-    from stages.export import export_workdir
+    from commands.export import export_workdir
 
     workdir = finished_run[0]
     export_workdir(workdir, tmp_path / "plain")
@@ -176,7 +176,7 @@ def test_one_name_merges_clusters_and_ignore_drops_one_in_the_voc_export(finishe
 
 
 def test_merged_and_dropped_clusters_in_the_coco_export(finished_run, tmp_path):
-    from stages.export import export_workdir
+    from commands.export import export_workdir
 
     workdir = finished_run[0]
     export_workdir(workdir, tmp_path / "plain", "coco")
@@ -192,7 +192,7 @@ def test_merged_and_dropped_clusters_in_the_coco_export(finished_run, tmp_path):
 def test_the_reports_legend_and_masks_show_the_merged_classes(finished_run, tmp_path):
     from PIL import Image
 
-    from stages.report import report_workdir
+    from commands.report import report_workdir
 
     index = report_workdir(finished_run[0], tmp_path / "report", names=_names_file(tmp_path, MERGE))
     data = json.loads((index.parent / "report.json").read_text())
@@ -213,7 +213,7 @@ SHAPE_NAMES = ["background", "disc", "square", "triangle", "ring"]  # pipeline.d
 
 def test_evaluate_names_voc_classes_by_default_and_a_names_file_beside_the_labels(cli_workdir, finished_run, tmp_path,
                                                                                 capsys):
-    from stages.evaluate import VOC_NAMES, evaluate_workdir
+    from commands.evaluate import VOC_NAMES, evaluate_workdir
 
     workdir, labels = cli_workdir[0], finished_run[1]
     voc = evaluate_workdir(workdir, labels)
@@ -231,7 +231,7 @@ def test_evaluate_names_voc_classes_by_default_and_a_names_file_beside_the_label
 
 
 def test_the_report_names_ground_truth_classes(finished_run, tmp_path):
-    from stages.report import report_workdir
+    from commands.report import report_workdir
 
     named = Path(shutil.copytree(finished_run[1], tmp_path / "set" / "labels"))
     (named.parent / "names.yaml").write_text("".join(f"{c}: {n}\n" for c, n in enumerate(SHAPE_NAMES)))

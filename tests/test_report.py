@@ -11,10 +11,10 @@ import pytest
 
 import run_pipeline
 from pipeline import runner
-from pipeline.demo import make_shapes
+from commands.demo import make_shapes
 from pipeline.errors import InputError
 from pipeline.names import check_clusters, load_names, parse_clusters
-from stages.report import NEAREST, report_workdir
+from commands.report import NEAREST, report_workdir
 from tests.conftest import quiet, tiny_config
 
 CHROMIUM = Path("/usr/bin/chromium")

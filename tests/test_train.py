@@ -18,7 +18,7 @@ from pipeline.backbones import BackboneParams
 from pipeline.errors import ConfigError, InputError
 from pipeline.images import write_label_png
 from pipeline.segmenter import Segmenter, load_checkpoint, save_checkpoint, segmenter_from_checkpoint
-from stages.predict import predict_folder
+from commands.predict import predict_folder
 from tests.conftest import ROOT, quiet, tiny_config
 
 
@@ -171,7 +171,7 @@ def test_predict_segments_unseen_images_and_resumes(shapes_dir, images, tmp_path
 
 
 def test_evaluate_the_segmenter(shapes_dir, images, tmp_path):
-    from stages.evaluate import evaluate_workdir
+    from commands.evaluate import evaluate_workdir
 
     _train(images, tmp_path / "wd")
     metrics = evaluate_workdir(tmp_path / "wd", shapes_dir / "labels", source="segmenter")

@@ -8,11 +8,11 @@ import pytest
 import torch
 
 from pipeline.backbones import BackboneParams, build_backbone
-from pipeline.config import load_config
+from pipeline.runner import load_config
 from pipeline.errors import ConfigError, InputError, WeightsMismatchError
 from pipeline.names import load_names
 from pipeline.segmenter import load_checkpoint
-from stages.predict import predict_folder
+from commands.predict import predict_folder
 from tests.conftest import tiny_config
 
 

@@ -6,8 +6,8 @@ import os
 import pytest
 
 from pipeline import runner
-from pipeline.config import load_config
-from stages.evaluate import evaluate_workdir
+from pipeline.runner import load_config
+from commands.evaluate import evaluate_workdir
 from tests.conftest import ISNET, MOBILENET, VOC, quiet
 
 pytestmark = [pytest.mark.slow,

@@ -27,16 +27,16 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
+from commands import report_html
+from commands.evaluate import SOURCES, VOC_CLASSES, class_names, entry_confusion, label_files, scores
 from pipeline import plots
 from pipeline.artifacts import MANIFEST, read_json, temp_dir_beside, write_json
-from pipeline.context import ITEMS
 from pipeline.errors import CacheCorruptError, InputError
 from pipeline.images import BadImage, load_rgb, read_label_png, write_label_png
 from pipeline.names import check_clusters, classes_of, cluster_name, load_names
-from stages import report_html
-from stages.evaluate import SOURCES, VOC_CLASSES, class_names, entry_confusion, label_files, scores
-from stages.objects import IGNORE, load_objects, object_file
-from stages.saliency import mask_file
+from pipeline.outputs import (IGNORE, TRAIN_LOG, cluster_sizes, embedding_rows, load_clusters, load_objects, mask_file,
+                              object_file, read_items)
+from pipeline.runner import STAGE_NAMES, Workdir
 
 SAMPLE_IMAGES = 24  # photos shown with their masks
 NEAREST = 12  # crops nearest the centroid, per cluster
@@ -59,8 +59,6 @@ def report_workdir(workdir: Path, out: Path | None = None, labels: Path | None =
                    clusters: list[int] | None = None, num_classes: int = VOC_CLASSES) -> Path:
     """Write the report of the last run in `workdir` to `out` (default `workdir/report`); returns its index.html.
     With `clusters`, only those clusters are shown (as with `export --clusters`)."""
-    from pipeline.runner import STAGE_NAMES, Workdir
-
     started = time.perf_counter()
     wd = Workdir(Path(workdir))
     state = wd.last_run("pseudo_masks")
@@ -71,12 +69,13 @@ def report_workdir(workdir: Path, out: Path | None = None, labels: Path | None =
         entries["train"] = wd.latest_entry("train", state)
     manifests = {stage: read_json(wd.store.entry(stage, key) / MANIFEST) for stage, key in state["keys"].items()
                  if wd.store.lookup(stage, key)}
-    k = manifests["cluster"]["params"]["k"]
+    sizes = cluster_sizes(entries["cluster"])
+    k = len(sizes)
     cluster_names = load_names(names, k) if names else {}
     classes = classes_of(k, cluster_names)
     selection = check_clusters(clusters, k) if clusters is not None else None
     shown = selection or list(range(k))
-    pseudo_items = read_json(entries["pseudo_masks"] / ITEMS)
+    pseudo_items = read_items(entries["pseudo_masks"])
     label_paths = label_files(Path(labels), [i["image"] for i in pseudo_items]) if labels else {}
     label_names = class_names(Path(labels), num_classes) if labels else []
 
@@ -95,7 +94,7 @@ def report_workdir(workdir: Path, out: Path | None = None, labels: Path | None =
         plots.cluster_sizes(tmp / "plots" / "cluster_sizes.png", [c["core"] for c in clusters],
                             [c["objects"] - c["core"] for c in clusters], [c["name"] for c in clusters])
         data = {"workdir": str(wd.root.resolve()), "images_folder": state["images"], "images": len(pseudo_items),
-                "objects": manifests["cluster"]["counts"]["objects"], "k": k,
+                "objects": sum(sizes), "k": k,
                 "names": {str(c): n for c, n in sorted(cluster_names.items())}, "classes": list(classes.names),
                 "clusters": clusters, "selection": selection,
                 "labels": str(labels) if labels else None, "against_labels": against_labels,
@@ -163,9 +162,8 @@ def _clusters(wd, entries: dict, state: dict, shown: list[int], names: dict[int,
               tmp: Path) -> list[dict]:
     """Each cluster's size, class (the value its pixels get in the report's masks and the export) and crops:
     the NEAREST to its centroid and RANDOM of the others, written as JPEGs."""
-    assignment = np.load(entries["cluster"] / "assignments.npy")
-    distance = np.load(entries["cluster"] / "distances.npy")
-    core = np.load(entries["cluster"] / "core.npy")
+    found = load_clusters(entries["cluster"])
+    assignment, distance, core = found.assignment, found.distance, found.core
     rng = np.random.default_rng(state["config"]["seed"])
     chosen = {}
     for cluster_id in shown:
@@ -174,9 +172,8 @@ def _clusters(wd, entries: dict, state: dict, shown: list[int], names: dict[int,
         rest = by_distance[NEAREST:]
         sample = rest[np.sort(rng.choice(len(rest), min(RANDOM, len(rest)), replace=False))]
         chosen[cluster_id] = (by_distance[:NEAREST], sample)
-    embed_items = read_json(entries["embed"] / ITEMS)
-    with np.load(entries["embed"] / "objects.npz") as rows:
-        image_index, object_id = rows["image_index"], rows["object_id"]
+    embed_items = read_items(entries["embed"])
+    image_index, object_id = embedding_rows(entries["embed"])
     wanted = sorted(int(r) for nearest, sample in chosen.values() for r in (*nearest, *sample))
     files = _write_crops(wd, embed_items, image_index, object_id, wanted, Path(state["images"]), tmp)
 
@@ -247,8 +244,8 @@ def _overlays(wd, entries: dict, items: list[dict], label_paths: dict[str, Path]
               class_of_value: np.ndarray, tmp: Path) -> list[dict]:
     """Up to SAMPLE_IMAGES photos spread over the run, each with its masks as panels of the same size; the
     pseudo masks and the segmenter's in the classes the cluster names make (as the export writes them)."""
-    saliency = {i["image"]: mask_file(wd.store, i["key"]) for i in read_json(entries["saliency"] / ITEMS)}
-    segmenter = ({i["image"]: entries["train"] / i["mask"] for i in read_json(entries["train"] / ITEMS)}
+    saliency = {i["image"]: mask_file(wd.store, i["key"]) for i in read_items(entries["saliency"])}
+    segmenter = ({i["image"]: entries["train"] / i["mask"] for i in read_items(entries["train"])}
                  if "train" in entries else {})
     picked = np.unique(np.linspace(0, len(items) - 1, min(SAMPLE_IMAGES, len(items))).round().astype(int))
     rows = []
@@ -296,9 +293,9 @@ def _mask_panel(mask: np.ndarray | None, size: tuple[int, int], tmp: Path, name:
 
 def _train_log(entry: Path | None, tmp: Path) -> list[dict] | None:
     """The segmenter's train_log.csv rows, plotted; None when the run has not trained."""
-    if entry is None or not (entry / "train_log.csv").is_file():
+    if entry is None or not (entry / TRAIN_LOG).is_file():
         return None
-    with open(entry / "train_log.csv", newline="") as f:
+    with open(entry / TRAIN_LOG, newline="") as f:
         log = list(csv.DictReader(f))
     if log:
         plots.training_curves(tmp / "plots" / "training.png", log)

@@ -20,11 +20,12 @@ import yaml
 from scipy.optimize import linear_sum_assignment
 from tqdm import tqdm
 
-from pipeline.artifacts import read_json
+from pipeline.artifacts import write_json
 from pipeline.errors import InputError
 from pipeline.images import IMAGE_SUFFIXES, read_label_png, stem_of
+from pipeline.outputs import IGNORE, class_count, mask_file, read_items
+from pipeline.runner import Workdir
 
-IGNORE = 255
 VOC_CLASSES = 21  # PASCAL VOC: background + 20 classes
 VOC_NAMES = ("background", "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
              "diningtable", "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa", "train", "tvmonitor")
@@ -157,7 +158,7 @@ def entry_confusion(entry: Path, items: list[dict], labels: dict[str, Path],
                 raise InputError(f"{labels[item['image']]}: class {num_classes + int(stray_class[0])} is outside "
                                  f"0..{num_classes - 1} (and 255 ignore); pass --classes N for a dataset of N classes")
             accumulate(confusion, predicted, truth)
-    num_predicted = read_json(entry / "manifest.json")["counts"]["classes"]
+    num_predicted = class_count(entry)
     stray = np.flatnonzero(confusion[num_predicted:IGNORE].sum(axis=1))
     if len(stray):
         raise InputError(f"{entry}: predicted id {num_predicted + int(stray[0])} is outside 0..{num_predicted - 1} and 255")
@@ -179,15 +180,10 @@ def evaluate_workdir(workdir: Path, labels_dir: Path, source: str = "pseudo_mask
     """Metrics of the last run's pseudo masks or segmenter predictions, and of its saliency masks, against
     labels of `num_classes` classes (background included); written to `metrics_file(...)` when the workdir
     is writable."""
-    from pipeline.artifacts import write_json
-    from pipeline.context import ITEMS
-    from pipeline.runner import Workdir
-    from stages.saliency import mask_file
-
     wd = Workdir(Path(workdir))
     run = wd.last_run(SOURCES[source])
     entry = wd.latest_entry(SOURCES[source], run)
-    items = read_json(entry / ITEMS)
+    items = read_items(entry)
     labels = label_files(Path(labels_dir), [i["image"] for i in items])
     names = class_names(Path(labels_dir), num_classes)
     missing = sum(i["image"] not in labels for i in items)
@@ -195,7 +191,7 @@ def evaluate_workdir(workdir: Path, labels_dir: Path, source: str = "pseudo_mask
         print(f"warning: {labels_dir} has labels for {len(items) - missing} of the {len(items)} images; the metrics "
               f"cover those only", file=sys.stderr)
     confusion, num_predicted, num_classes = entry_confusion(entry, items, labels, num_classes)
-    saliency_items = read_json(wd.latest_entry("saliency", run) / ITEMS)
+    saliency_items = read_items(wd.latest_entry("saliency", run))
     metrics = {"source": source, "entry": entry.name, "labels": str(Path(labels_dir).resolve()),
                "images_evaluated": len(items) - missing, "images_without_label": missing,
                **scores(confusion, num_predicted, num_classes),

@@ -18,6 +18,10 @@ import cv2
 import numpy as np
 import torch
 
+from commands.evaluate import evaluate_workdir
+from commands.export import export_workdir
+from commands.report import report_workdir
+from pipeline import runner
 from pipeline.artifacts import atomic_write
 from pipeline.errors import WeightsNotFoundError
 from pipeline.images import write_label_png
@@ -117,16 +121,10 @@ def demo_weights(given: str | Path | None) -> Path:
 
 
 def run_demo(workdir: Path, count: int, weights: str | Path | None = None) -> dict:
-    from pipeline import runner
-    from pipeline.config import load_config
-    from stages.evaluate import evaluate_workdir
-    from stages.export import export_workdir
-    from stages.report import report_workdir
-
     data = Path(__file__).resolve().parent.parent / "data" / "generated" / f"shapes-{count}"
     images, labels = make_shapes(data, count) if not (data / "labels").is_dir() else (data / "images", data / "labels")
     weights = demo_weights(weights)
-    cfg = load_config(overrides=["backbone.name=mobilenet_v2", f"backbone.weights={weights}", "saliency.method=spectral",
+    cfg = runner.load_config(overrides=["backbone.name=mobilenet_v2", f"backbone.weights={weights}", "saliency.method=spectral",
                                  f"cluster.k={len(SHAPES)}", "train.backbone=mobilenet_v2", f"train.weights={weights}",
                                  "train.epochs=8", "train.crop_size=224", "train.base_size=240", "train.lr=0.0005"])
     print(f"demo: {count} generated images in {images}; backbone = supervised ImageNet MobileNetV2 ({weights})")

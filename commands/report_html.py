@@ -14,7 +14,7 @@ from pathlib import Path
 import yaml
 
 from pipeline.images import label_palette
-from pipeline.names import IGNORE_VALUE as IGNORE
+from pipeline.outputs import IGNORE
 
 _PALETTE = label_palette()
 MAX_SKIPPED_ROWS = 200
@@ -71,7 +71,7 @@ def _number(value, digits: int = 3) -> str:
 
 
 def _class(value, data: dict) -> str:
-    """A ground-truth class by its name (see stages.evaluate.class_names)."""
+    """A ground-truth class by its name (see commands.evaluate.class_names)."""
     return "" if value is None else escape(data["against_labels"]["class_names"][value])
 
 

@@ -32,12 +32,12 @@ import pycocotools.mask
 from PIL import Image
 from tqdm import tqdm
 
-from pipeline.artifacts import read_json, temp_dir_beside, write_json
-from pipeline.context import ITEMS
+from pipeline.artifacts import temp_dir_beside, write_json
 from pipeline.errors import CacheCorruptError, InputError
 from pipeline.images import BadImage, load_rgb, read_label_png, stem_of, write_label_png
 from pipeline.names import check_clusters, classes_of, load_names
-from stages.objects import IGNORE, load_objects, object_file
+from pipeline.outputs import IGNORE, class_count, cluster_sizes, load_objects, object_file, read_items
+from pipeline.runner import Workdir
 
 EXIF_ORIENTATION = 0x0112
 FORMATS = ("voc", "coco")
@@ -48,8 +48,6 @@ SAFE_ID = re.compile(r"[A-Za-z0-9._/-]+")
 def export_workdir(workdir: Path, to: Path, fmt: str = "voc", clusters: Sequence[int] | None = None,
                    names: Path | None = None) -> dict:
     """Write the last run's pseudo labels to the new folder `to`; returns its meta.json."""
-    from pipeline.runner import Workdir
-
     if fmt not in FORMATS:
         raise InputError(f"unknown export format {fmt!r} (formats: {', '.join(FORMATS)})")
     wd, to = Workdir(Path(workdir)), Path(to)
@@ -57,13 +55,13 @@ def export_workdir(workdir: Path, to: Path, fmt: str = "voc", clusters: Sequence
         raise InputError(f"export folder {to} already exists and is not empty; choose another --to")
     state = wd.last_run("pseudo_masks")
     entry = wd.latest_entry("pseudo_masks", state)
-    k = read_json(entry / "manifest.json")["counts"]["classes"] - 1
+    k = class_count(entry) - 1
     cluster_names = load_names(names, k) if names else {}
     classes = classes_of(k, cluster_names)
     class_of_value = classes.value_map()
     chosen = check_clusters(clusters, k) if clusters is not None else list(range(k))
-    items = read_json(entry / ITEMS)
-    objects_keys = {i["image"]: i["objects_key"] for i in read_json(wd.latest_entry("embed", state) / ITEMS)}
+    items = read_items(entry)
+    objects_keys = {i["image"]: i["objects_key"] for i in read_items(wd.latest_entry("embed", state))}
     images_root = Path(state["images"])
     tmp = temp_dir_beside(to)
     ids, sources, reencoded, coco_images, annotations = [], {}, 0, [], []
@@ -94,11 +92,10 @@ def export_workdir(workdir: Path, to: Path, fmt: str = "voc", clusters: Sequence
             coco = {"info": {"description": "objseg pseudo labels; category ids as in meta.json's class_of_cluster"},
                     "images": coco_images, "annotations": annotations, "categories": categories}
             (tmp / "annotations.json").write_text(json.dumps(coco))
-        cluster_manifest = read_json(wd.latest_entry("cluster", state) / "manifest.json")
         meta = {"format": fmt, "num_classes": len(classes.names), "ignore_index": IGNORE, "classes": list(classes.names),
                 "class_of_cluster": {str(c): v for c, v in enumerate(classes.of_cluster)},
                 "names": {str(c): n for c, n in sorted(cluster_names.items())}, "clusters": chosen,
-                "cluster_sizes": cluster_manifest["counts"]["cluster_sizes"],
+                "cluster_sizes": cluster_sizes(wd.latest_entry("cluster", state)),
                 "split": {"rule": f"val when int(sha256(id), 16) % 100 < {VAL_PERCENT}",
                           "train": len(ids) - len(val), "val": len(val)},
                 "images": len(ids), "reencoded_images": reencoded, "source_images": str(images_root),
