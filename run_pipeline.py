@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import errno
 import json
-import os
 import sys
 from pathlib import Path
 
@@ -187,7 +186,7 @@ def _save_effective_config(workdir: str) -> None:
 
 def _command(args) -> int:
     try:
-        from pipeline import runner
+        from pipeline import runner, torchrun
 
         if args.command in ("run", "stage"):
             if args.images_from_workdir:
@@ -195,7 +194,7 @@ def _command(args) -> int:
                       file=sys.stderr)
             start, only = (args.name, args.only) if args.command == "stage" else (None, False)
             runner.run(args.cfg, args.images, args.workdir, start=start, only=only)
-            if os.environ.get("RANK", "0") == "0":  # under torchrun, rank 0 alone writes
+            if torchrun.rank() == 0:  # under torchrun, rank 0 alone writes
                 _save_effective_config(args.workdir)
         elif args.command == "status":
             for row in runner.status(args.workdir):

@@ -13,6 +13,7 @@ import traceback
 from pathlib import Path
 from typing import Callable
 
+from pipeline import torchrun
 from pipeline.lock import LOCK, WorkdirBusyError, workdir_lock
 
 
@@ -34,7 +35,7 @@ class _Tee:
 
 def logged(workdir: Path, command: str, argv: list[str], body: Callable[[], int]) -> int:
     """Run `body` (a CLI command returning its exit code) with stdout and stderr teed into a new log file."""
-    if os.environ.get("RANK", "0") != "0":  # under torchrun, rank 0 alone writes
+    if torchrun.rank() != 0:  # under torchrun, rank 0 alone writes
         return body()
     folder = Path(workdir) / "logs"
     path = folder / f"{time.strftime('%Y%m%d-%H%M%S')}-{command}.log"

@@ -9,7 +9,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import errno
-import os
 import shutil
 import sys
 import time
@@ -20,7 +19,7 @@ from typing import Sequence
 import torch
 import torch.distributed as dist
 
-from pipeline import digests
+from pipeline import digests, torchrun
 from pipeline.artifacts import MANIFEST, ArtifactStore, read_json, stable_hash, write_json
 from pipeline.config import RunConfig, config_from_dict, parse_config
 from pipeline.context import Context
@@ -158,7 +157,7 @@ def run(cfg: Config, images_dir: str | Path, workdir: str | Path, start: str | N
     problems = [e for e in left_out if is_image_problem(e)]
     if cfg.strict and problems:
         raise InputError(f"{problems[0]['image']}: {problems[0]['reason']} (strict mode stops at the first bad image)")
-    first_rank = int(os.environ.get("RANK", "0")) == 0
+    first_rank = torchrun.rank() == 0
     if first_rank:
         _print_left_out(left_out, Path(workdir) / STATE)
     fix_mmap_threshold()
@@ -231,7 +230,7 @@ def _run(cfg: Config, images: list[ImageRecord], left_out: list[dict], images_di
 
 def _join_process_group(device: torch.device, to_compute: list[str]) -> int:
     """Under torchrun (WORLD_SIZE > 1), join the process group and return this process's rank; else 0."""
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+    if torchrun.world_size() <= 1:
         return 0
     serial = [name for name in to_compute if name not in DISTRIBUTED]
     if serial:
@@ -239,7 +238,7 @@ def _join_process_group(device: torch.device, to_compute: list[str]) -> int:
                           f"{', '.join(serial)} first without torchrun (`run_pipeline.py stage {serial[0]} ... --only`)")
     if not dist.is_initialized():
         if device.type == "cuda":
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+            torch.cuda.set_device(torchrun.local_rank())
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     return dist.get_rank()
 

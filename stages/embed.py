@@ -15,7 +15,6 @@ resumes at the first unfinished shard. The entry then gathers the rows of its im
 """
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 
 import cv2
@@ -29,6 +28,7 @@ from pipeline.context import Context, item_key, write_items
 from pipeline.errors import ConfigError, InputError
 from pipeline.images import decoded
 from pipeline.outputs import EMBEDDING_ROWS, EMBEDDINGS, load_objects, object_file
+from pipeline.precision import autocast
 
 VERSION = 1
 VIEWS = ("context", "grey", "blur")
@@ -119,8 +119,7 @@ def _forward(backbone, crops: torch.Tensor, device: torch.device, params: Params
     x = crops.flatten(0, 1).to(device, non_blocking=True)
     if params.flip:
         x = torch.cat([x, x.flip(-1)])
-    autocast = torch.autocast("cuda", dtype=torch.float16) if device.type == "cuda" else contextlib.nullcontext()
-    with autocast:
+    with autocast(device):
         vectors = backbone(x) if params.layers == 1 else _stage_features(backbone, x, params.layers)
     vectors = F.normalize(vectors.float(), dim=1).view(-1, objects, views, vectors.shape[1]).mean(dim=(0, 2))
     return F.normalize(vectors, dim=1).cpu().numpy()

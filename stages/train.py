@@ -14,10 +14,8 @@ sees does not depend on the number of processes or workers.
 """
 from __future__ import annotations
 
-import contextlib
 import csv
 import dataclasses
-import os
 import shutil
 import time
 from pathlib import Path
@@ -27,12 +25,14 @@ import torch.distributed as dist
 from PIL import Image
 from torch import nn
 
+from pipeline import torchrun
 from pipeline.artifacts import atomic_write
 from pipeline.backbones import IMAGENET_MEAN, IMAGENET_STD, BackboneName, BackboneParams, resolve_weights, weights_key
 from pipeline.context import Context, write_items
 from pipeline.errors import ConfigError, InputError
 from pipeline.images import BadImage, load_rgb, read_label_png, stem_of, write_label_png
 from pipeline.outputs import IGNORE, TRAIN_LOG, class_count, read_items
+from pipeline.precision import autocast
 from pipeline.segmenter import Segmenter, load_checkpoint, save_checkpoint, set_rng_state
 
 VERSION = 9  # 2: MobileNetV2 dilated to output stride 16; 3: 320-channel MobileNetV2 head, poly lr, class balance,
@@ -138,7 +138,7 @@ def _world() -> tuple[int, int]:
     """(rank, processes): from the process group, or torchrun's environment before it is joined."""
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
-    return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+    return torchrun.rank(), torchrun.world_size()
 
 
 def _check_pairs(images: list[Path], masks: list[Path]) -> None:
@@ -271,8 +271,7 @@ def _train_round(ctx, params, round_index, images, targets, num_classes, work, r
 
 def train_step(net, criterion, optimizer, scaler, image, mask) -> torch.Tensor:
     """One update on a batch: float16 autocast and the GradScaler on CUDA, plain float32 on the CPU."""
-    autocast = torch.autocast("cuda", dtype=torch.float16) if image.device.type == "cuda" else contextlib.nullcontext()
-    with autocast:
+    with autocast(image.device):
         loss = criterion(net(image), mask)
     optimizer.zero_grad(set_to_none=True)
     scaler.scale(loss).backward()
