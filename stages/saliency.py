@@ -20,7 +20,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 from pathlib import Path
-from typing import Literal
+from typing import Callable, Literal
 
 import cv2
 import numpy as np
@@ -28,7 +28,7 @@ import scipy.linalg
 import torch
 
 from pipeline.artifacts import atomic_write, stable_hash
-from pipeline.backbones import build_backbone, weights_key
+from pipeline.backbones import build_backbone, resolve_weights, weights_key
 from pipeline.digests import file_digest
 from pipeline.context import Context, item_key, write_items
 from pipeline.refine import RefineParams, refine_scores
@@ -81,21 +81,37 @@ class Params:
             raise ConfigError(f"std must be positive, got {self.std}")
 
 
+@dataclasses.dataclass(frozen=True)
+class Method:
+    """One way to find the foreground, said once: what of the config its masks depend on, what it checks
+    before any work, how it makes the masks."""
+    key_params: Callable[..., dict]  # (cfg) -> the method's part of the key
+    check: Callable[..., object]  # (ctx, params): fails when an input is missing
+    run: Callable[..., dict]  # (ctx, params) -> counts
+
+
 def key_params(cfg) -> dict:
     # max_pixels decides which images are skipped; named only when set, so existing caches stay valid
-    return {**_method_params(cfg), **({"max_pixels": cfg.max_pixels} if cfg.max_pixels != DEFAULT_MAX_PIXELS else {})}
+    return {**METHODS[cfg.saliency.method].key_params(cfg),
+            **({"max_pixels": cfg.max_pixels} if cfg.max_pixels != DEFAULT_MAX_PIXELS else {})}
 
 
-def _method_params(cfg) -> dict:
-    p = cfg.saliency
-    if p.method == "spectral":
-        return _spectral_params(cfg)
-    if p.method == "self_trained":
-        return {**_spectral_params(cfg), "method": p.method, "head": dataclasses.asdict(p.head), "seed": cfg.seed}
-    if p.method == "onnx":
-        return {"method": p.method, "model_sha256": file_digest(p.model) if Path(p.model).is_file() else "", "cpu_float16_as": "float32", "input_size": p.input_size,
-                "mean": p.mean, "std": p.std, "threshold": p.threshold}
-    return {"method": p.method, "masks_dir": str(Path(p.masks_dir).resolve()), "threshold": p.threshold}
+def check(ctx: Context, params: Params) -> None:
+    """Fail before any work when the method's inputs are missing."""
+    METHODS[params.method].check(ctx, params)
+
+
+def run(ctx: Context, params: Params) -> dict:
+    return METHODS[params.method].run(ctx, params)
+
+
+def _each_image(ctx: Context, predict, masks: dict[str, Path] | None = None) -> dict:
+    """The masks of the methods that make each image's mask alone (from the photo, or a user's mask file)."""
+    masks = masks or {}
+    key_params_ = key_params(ctx.cfg)
+    key_of = {r.rel: item_key("saliency", VERSION, key_params_, _parent(r, masks)) for r in ctx.images}
+    items, computed = _masks_of(ctx, key_of, predict)
+    return _listed(ctx, items, computed)
 
 
 def _spectral_params(cfg) -> dict:
@@ -104,28 +120,36 @@ def _spectral_params(cfg) -> dict:
     return {"method": "spectral", "input_size": p.input_size, "tau": p.tau, "backbone": weights_key(cfg.backbone), **refine}
 
 
-def check(ctx: Context, params: Params) -> None:
-    """Fail before any work when the method's inputs are missing."""
-    if params.method in ("spectral", "self_trained"):
-        from pipeline.backbones import resolve_weights
-        resolve_weights(ctx.cfg.backbone)
-    elif params.method == "onnx":
-        if not params.model:
-            raise ConfigError("saliency.method=onnx needs saliency.model=/path/to/model.onnx")
-        if not Path(params.model).is_file():
-            raise InputError(f"saliency.model={params.model}: no such file")
-    else:
-        _masks_for(ctx, params)
+def _self_trained_params(cfg) -> dict:
+    p = cfg.saliency
+    return {**_spectral_params(cfg), "method": p.method, "head": dataclasses.asdict(p.head), "seed": cfg.seed}
 
 
-def run(ctx: Context, params: Params) -> dict:
-    if params.method == "self_trained":
-        return _run_self_trained(ctx, params)
-    masks = _masks_for(ctx, params) if params.method == "folder" else {}
-    key_params_ = key_params(ctx.cfg)
-    key_of = {r.rel: item_key("saliency", VERSION, key_params_, _parent(r, masks)) for r in ctx.images}
-    items, computed = _masks_of(ctx, key_of, _predictor(ctx, params, masks))
-    return _listed(ctx, items, computed)
+def _onnx_params(cfg) -> dict:
+    p = cfg.saliency
+    return {"method": p.method, "model_sha256": file_digest(p.model) if Path(p.model).is_file() else "", "cpu_float16_as": "float32", "input_size": p.input_size,
+            "mean": p.mean, "std": p.std, "threshold": p.threshold}
+
+
+def _folder_params(cfg) -> dict:
+    p = cfg.saliency
+    return {"method": p.method, "masks_dir": str(Path(p.masks_dir).resolve()), "threshold": p.threshold}
+
+
+def _check_backbone(ctx: Context, params: Params) -> None:
+    resolve_weights(ctx.cfg.backbone)
+
+
+def _check_onnx(ctx: Context, params: Params) -> None:
+    if not params.model:
+        raise ConfigError("saliency.method=onnx needs saliency.model=/path/to/model.onnx")
+    if not Path(params.model).is_file():
+        raise InputError(f"saliency.model={params.model}: no such file")
+
+
+def _run_folder(ctx: Context, params: Params) -> dict:
+    masks = _masks_for(ctx, params)
+    return _each_image(ctx, lambda record, rgb: _read_user_mask(masks[record.rel], rgb.shape[:2], params.threshold), masks)
 
 
 def _masks_of(ctx: Context, key_of: dict[str, str], predict, report_bad: bool = True) -> tuple[list[dict], int]:
@@ -166,14 +190,6 @@ def _parent(record, masks: dict[str, Path]) -> str:
         return record.fingerprint
     stat = masks[record.rel].stat()  # a user's mask that changes makes the image's result stale
     return f"{record.fingerprint}|{masks[record.rel]}:{stat.st_size}:{stat.st_mtime_ns}"
-
-
-def _predictor(ctx: Context, params: Params, masks: dict[str, Path]):
-    if params.method == "spectral":
-        return _Spectral(ctx, params)
-    if params.method == "onnx":
-        return _OnnxSaliency(params, ctx.device)
-    return lambda record, rgb: _read_user_mask(masks[record.rel], rgb.shape[:2], params.threshold)
 
 
 def refined_mask(rgb: np.ndarray, foreground: np.ndarray, refine: RefineParams) -> np.ndarray:
@@ -281,7 +297,7 @@ def _trained_head(ctx: Context, params: Params, spectral: _Spectral, seeds: list
     if not seeds:
         raise InputError("saliency.method=self_trained found no decodable photo to learn from")
     chosen = seeds[::-(-len(seeds) // params.head.max_images)]
-    head, key = None, stable_hash({"seeds": [i["key"] for i in chosen], "params": _method_params(ctx.cfg)})
+    head, key = None, stable_hash({"seeds": [i["key"] for i in chosen], "params": _self_trained_params(ctx.cfg)})
     for round_ in range(params.head.rounds):
         key = stable_hash({"after": key, "round": round_})
         path = ctx.store.items("saliency") / f"head-{key}.pt"
@@ -485,3 +501,10 @@ def _read_user_mask(path: Path, shape: tuple[int, int], threshold: float) -> np.
         mask = cv2.resize(mask, (shape[1], shape[0]), interpolation=cv2.INTER_NEAREST)
     return np.where(mask > threshold * 255, 255, 0).astype(np.uint8)
 
+
+METHODS = {
+    "spectral": Method(_spectral_params, _check_backbone, lambda ctx, params: _each_image(ctx, _Spectral(ctx, params))),
+    "self_trained": Method(_self_trained_params, _check_backbone, _run_self_trained),
+    "onnx": Method(_onnx_params, _check_onnx, lambda ctx, params: _each_image(ctx, _OnnxSaliency(params, ctx.device))),
+    "folder": Method(_folder_params, _masks_for, _run_folder),
+}
