@@ -22,7 +22,7 @@ from tqdm import tqdm
 
 from pipeline.artifacts import write_json
 from pipeline.errors import InputError
-from pipeline.images import IMAGE_SUFFIXES, read_label_png, stem_of
+from pipeline.images import files_named_like, read_label_png
 from pipeline.outputs import IGNORE, class_count, mask_file, read_items
 from pipeline.runner import Workdir
 
@@ -62,19 +62,10 @@ def _names_from(path: Path, num_classes: int) -> list[str]:
 
 
 def label_files(labels_dir: Path, images: list[str]) -> dict[str, Path]:
-    """Each image's ground-truth file: same relative stem, or same file stem, `.png` first."""
+    """Each image's ground-truth file (see `files_named_like`)."""
     if not labels_dir.is_dir():
         raise InputError(f"labels folder not found: {labels_dir}")
-    by_stem: dict[str, Path] = {}
-    for path in sorted(labels_dir.rglob("*"), key=lambda p: (p.suffix.lower() != ".png", str(p))):
-        if path.suffix.lower() in IMAGE_SUFFIXES:
-            by_stem.setdefault(path.relative_to(labels_dir).with_suffix("").as_posix(), path)
-            by_stem.setdefault(path.stem, path)
-    found = {}
-    for rel in images:
-        path = by_stem.get(stem_of(rel)) or by_stem.get(Path(rel).stem)
-        if path is not None:
-            found[rel] = path
+    found = files_named_like(labels_dir, images)
     if not found:
         raise InputError(f"no label file in {labels_dir} matches any of the {len(images)} images (by file stem)")
     return found

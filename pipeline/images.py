@@ -43,6 +43,23 @@ def stem_of(rel: str) -> str:
     return rel.rsplit(".", 1)[0]
 
 
+def files_named_like(root: Path, images: list[str]) -> dict[str, Path]:
+    """Each image's file in `root` (the user's masks, ground-truth labels), in any image format: the one at
+    the image's relative path, else one with its file stem; of files with one name a `.png` comes first,
+    then path order. Images without a file are left out."""
+    by_rel, by_stem = {}, {}
+    for path in sorted(root.rglob("*"), key=lambda p: (p.suffix.lower() != ".png", p.relative_to(root).as_posix())):
+        if path.suffix.lower() in IMAGE_SUFFIXES and path.is_file():
+            by_rel.setdefault(path.relative_to(root).with_suffix("").as_posix(), path)
+            by_stem.setdefault(path.stem, path)
+    found = {}
+    for rel in images:
+        path = by_rel.get(stem_of(rel)) or by_stem.get(Path(rel).stem)
+        if path is not None:
+            found[rel] = path
+    return found
+
+
 def list_images(folder: str | Path, hash_content: bool = False) -> list[ImageRecord]:
     """All images under `folder` (recursively), sorted by relative path."""
     return scan_images(folder, hash_content)[0]

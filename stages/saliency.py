@@ -33,7 +33,7 @@ from pipeline.digests import file_digest
 from pipeline.context import Context, item_key, write_items
 from pipeline.refine import RefineParams, refine_scores
 from pipeline.errors import ConfigError, InputError
-from pipeline.images import DEFAULT_MAX_PIXELS, IMAGE_SUFFIXES, decoded
+from pipeline.images import DEFAULT_MAX_PIXELS, decoded, files_named_like
 from pipeline.outputs import mask_file
 
 VERSION = 2  # 2: uniform photos have no foreground
@@ -468,25 +468,14 @@ def _onnx_providers(onnxruntime, device: torch.device) -> list[str]:
 # --- folder: the user's masks ----------------------------------------------------------------------
 
 def _masks_for(ctx: Context, params: Params) -> dict[str, Path]:
-    """Map each image to its mask file: same relative path, or same file stem, with any image suffix."""
+    """Map each image to its mask file (see `files_named_like`)."""
     if not params.masks_dir:
         raise ConfigError("saliency.method=folder needs saliency.masks_dir=/path/to/masks")
     root = Path(params.masks_dir)
     if not root.is_dir():
         raise InputError(f"saliency.masks_dir={root}: no such folder")
-    by_rel, by_stem = {}, {}
-    for path in sorted(root.rglob("*")):
-        if path.suffix.lower() in IMAGE_SUFFIXES and path.is_file():
-            stem = path.relative_to(root).with_suffix("").as_posix()
-            by_rel.setdefault(stem, path)
-            by_stem.setdefault(path.stem, path)
-    found, missing = {}, []
-    for record in ctx.images:
-        path = by_rel.get(record.stem) or by_stem.get(Path(record.rel).stem)
-        if path is None:
-            missing.append(record.rel)
-        else:
-            found[record.rel] = path
+    found = files_named_like(root, [r.rel for r in ctx.images])
+    missing = [r.rel for r in ctx.images if r.rel not in found]
     if missing:
         shown = ", ".join(missing[:10]) + (f" and {len(missing) - 10} more" if len(missing) > 10 else "")
         raise InputError(f"saliency.masks_dir={root} has no mask for {len(missing)} of {len(ctx.images)} images: {shown}")
