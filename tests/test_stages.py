@@ -195,7 +195,7 @@ def test_clustering_is_seeded_respects_k_and_finds_separated_clusters(method):
 
 
 def test_spectral_clustering_follows_rings_that_kmeans_cuts_across():
-    # two parallel rings of latitude +-0.15 rad on a sphere: each point's 30 nearest neighbours lie on
+    # two parallel rings of latitude +-0.15 rad on a sphere: each point's nearest neighbours lie on
     # its own ring, but the most compact split into 2 (what k-means seeks) halves the sphere by longitude
     longitude = np.random.default_rng(0).uniform(0, 2 * np.pi, 1200)
     latitude = np.repeat([0.15, -0.15], 600)
@@ -214,9 +214,9 @@ def test_spectral_clustering_follows_rings_that_kmeans_cuts_across():
 def test_cluster_keys_of_kmeans_runs_hold_no_spectral_settings():
     kmeans, spectral = tiny_config("cluster.method=kmeans"), tiny_config("cluster.method=spectral")
     assert "method" not in cluster.key_params(kmeans) and "neighbours" not in cluster.key_params(kmeans)
-    assert cluster.key_params(tiny_config("cluster.method=kmeans", "cluster.neighbours=10")) == cluster.key_params(kmeans)
+    assert cluster.key_params(tiny_config("cluster.method=kmeans", "cluster.neighbours=30")) == cluster.key_params(kmeans)
     assert cluster.key_params(spectral)["method"] == "spectral"
-    assert cluster.key_params(tiny_config("cluster.method=spectral", "cluster.neighbours=10")) != cluster.key_params(spectral)
+    assert cluster.key_params(tiny_config("cluster.method=spectral", "cluster.neighbours=30")) != cluster.key_params(spectral)
 
 
 def test_core_filtering_keeps_the_nearest_fraction_of_each_cluster():
