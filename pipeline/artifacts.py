@@ -2,10 +2,13 @@
 
 Layout under the workdir's `cache/`:
   <stage>/<key>/              a finished stage-level entry; `manifest.json` is written last
-  <stage>/<key>.tmp-<pid>/    an entry being written; renamed into place when complete
-  <stage>/items/<kk>/<key>.*  per-image results of per-image stages, each file written atomically
+  <stage>/<key>.tmp-<host>-<pid>/  an entry being written; renamed into place when complete
+  <stage>/items/<key>.*            per-image results of per-image stages, each file written atomically
 
-A directory without a manifest, or a file still named `*.tmp-<pid>`, is never read as finished.
+A directory without a manifest, or a file still named `*.tmp-<host>-<pid>`, is never read as finished.
+The writer's host is in the name because processes on several machines (torchrun on a shared filesystem)
+write into one cache, and a pid means something on its own host only: a leftover is removed as dead only
+by a process on the host that made it.
 The manifest records size and sha256 of every file the entry is made of (its own and the per-image
 results it uses) and a checksum of itself; `lookup` verifies them, so a truncated array, a deleted
 mask or an edited manifest is reported and recomputed, never used: a corrupt entry is deleted with
@@ -18,6 +21,7 @@ import json
 import os
 import platform
 import shutil
+import socket
 import sys
 import tempfile
 import time
@@ -50,7 +54,7 @@ def atomic_write(path: Path, write: Callable[[Path], None]) -> Path:
     """Call `write(tmp_path)` and rename the result to `path`, so `path` is complete or absent."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
+    tmp = path.with_name(f"{path.name}.{writer_tag()}")
     try:
         write(tmp)
         os.replace(tmp, path)
@@ -94,6 +98,21 @@ def software_versions() -> dict:
 
     from pipeline.faiss_runtime import faiss
     return {"python": platform.python_version(), "numpy": np.__version__, "torch": torch.__version__, "faiss": faiss.__version__}
+
+
+def writer_tag(pid: int | None = None) -> str:
+    """`tmp-<host>-<pid>`: what a temporary name carries to say which process (by default this one) wrote it."""
+    return f"tmp-{socket.gethostname()}-{os.getpid() if pid is None else pid}"
+
+
+def _abandoned(tmp: Path, key: str) -> bool:
+    """Whether the temporary entry folder `tmp` of `key` was left by a dead process of this host (or by an
+    earlier attempt of this very process). A folder of another host is never judged: its pid is not ours."""
+    writer = tmp.name.removeprefix(f"{key}.tmp-")
+    host, _, pid = writer.rpartition("-")
+    if host and host != socket.gethostname():
+        return False
+    return not pid.isdigit() or int(pid) == os.getpid() or not _pid_alive(int(pid))  # no host: named before hosts were
 
 
 def _pid_alive(pid: int) -> bool:
@@ -187,14 +206,13 @@ class ArtifactStore:
         return [p.name for p in sorted(found, key=lambda p: (p / MANIFEST).stat().st_mtime_ns, reverse=True)]
 
     def begin(self, stage: str, key: str) -> Path:
-        """A fresh temporary folder to write the entry into; leftovers of dead processes are removed."""
+        """A fresh temporary folder to write the entry into; leftovers of dead processes of this host are removed."""
         folder = self.root / stage
         folder.mkdir(parents=True, exist_ok=True)
         for leftover in folder.glob(f"{key}.tmp-*"):
-            pid = leftover.name.rsplit("-", 1)[-1]
-            if not pid.isdigit() or not _pid_alive(int(pid)) or int(pid) == os.getpid():
+            if _abandoned(leftover, key):
                 shutil.rmtree(leftover, ignore_errors=True)
-        tmp = folder / f"{key}.tmp-{os.getpid()}"
+        tmp = folder / f"{key}.{writer_tag()}"
         tmp.mkdir()
         return tmp
 

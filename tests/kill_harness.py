@@ -13,6 +13,8 @@ from pathlib import Path
 
 import numpy as np
 
+from pipeline.artifacts import writer_tag
+
 ROOT = Path(__file__).resolve().parents[1]
 STAGES = ("saliency", "objects", "embed", "cluster", "pseudo_masks", "train")
 
@@ -28,11 +30,11 @@ def _default_sigint() -> None:
 
 
 def _writing(workdir: Path, pid: int) -> str | None:
-    """The stage process `pid` is writing (its `<key>.tmp-<pid>` entry folder exists), if any. Folders
+    """The stage process `pid` is writing (its `<key>.tmp-<host>-<pid>` entry folder exists), if any. Folders
     left by processes killed earlier have other pids, so they do not count."""
     for stage in STAGES:
         folder = workdir / "cache" / stage
-        if folder.is_dir() and any(folder.glob(f"*.tmp-{pid}")):
+        if folder.is_dir() and any(folder.glob(f"*.{writer_tag(pid)}")):
             return stage
     return None
 

@@ -3,12 +3,13 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 
 import numpy as np
 import pytest
 
 from pipeline.artifacts import (KEY_LENGTH, MANIFEST, ArtifactStore, atomic_write, read_json, save_npy, stable_hash,
-                                write_json)
+                                write_json, writer_tag)
 from pipeline.errors import CacheCorruptError
 
 
@@ -114,7 +115,7 @@ def test_begin_lookup_commit(tmp_path):
     tmp = store.begin("embed", key)
     assert tmp.is_dir()
     assert tmp.parent == tmp_path / "cache" / "embed"
-    assert tmp.name == f"{key}.tmp-{os.getpid()}"
+    assert tmp.name == f"{key}.tmp-{socket.gethostname()}-{os.getpid()}"
     (tmp / "vectors.bin").write_bytes(b"\x00" * 10)
     assert store.lookup("embed", key) is None  # not finished until commit
     assert store.finished_keys("embed") == []
@@ -162,23 +163,35 @@ def test_begin_removes_leftovers_of_dead_processes(tmp_path):
     store = ArtifactStore(tmp_path)
     folder = tmp_path / "objects"
     pid = dead_pid()
-    dead = folder / f"k1.tmp-{pid}"
+    dead = folder / f"k1.{writer_tag(pid)}"
     dead.mkdir(parents=True)
     (dead / "partial.npy").write_bytes(b"x")
-    own = folder / f"k1.tmp-{os.getpid()}"  # an earlier attempt of this very process
+    unnamed_host = folder / f"k1.tmp-{pid}"  # named before hosts were: this host's
+    unnamed_host.mkdir()
+    own = folder / f"k1.{writer_tag()}"  # an earlier attempt of this very process
     own.mkdir()
     (own / "stale").write_text("stale")
-    alive = folder / f"k1.tmp-{os.getppid()}"  # another live process may still be writing
+    alive = folder / f"k1.{writer_tag(os.getppid())}"  # another live process may still be writing
     alive.mkdir()
-    other_key = folder / f"k2.tmp-{pid}"  # leftovers of other keys are left to their own begin()
+    other_key = folder / f"k2.{writer_tag(pid)}"  # leftovers of other keys are left to their own begin()
     other_key.mkdir()
 
     tmp = store.begin("objects", "k1")
     assert tmp == own
     assert tmp.is_dir() and list(tmp.iterdir()) == []  # fresh
-    assert not dead.exists()
+    assert not dead.exists() and not unnamed_host.exists()
     assert alive.exists()
     assert other_key.exists()
+
+
+def test_begin_leaves_another_hosts_leftovers_alone(tmp_path):
+    """Under torchrun on several machines sharing the cache, a pid that is dead here may be writing there."""
+    store = ArtifactStore(tmp_path)
+    elsewhere = tmp_path / "objects" / f"k1.tmp-node-07.cluster-{dead_pid()}"  # hosts may hold dashes and dots
+    elsewhere.mkdir(parents=True)
+    (elsewhere / "partial.npy").write_bytes(b"x")
+    store.begin("objects", "k1")
+    assert (elsewhere / "partial.npy").is_file()
 
 
 def test_finished_keys_newest_first(tmp_path):
