@@ -19,7 +19,7 @@ import json
 import sys
 from pathlib import Path
 
-from pipeline.errors import PipelineError
+from pipeline.errors import PipelineError, StoppedWithRankZero
 
 DEFAULT_WORKDIR = "runs/default"
 CREATES_WORKDIR = ("run", "stage", "demo")  # the other commands log only into a workdir that exists
@@ -227,6 +227,8 @@ def _command(args) -> int:
 
             run_demo(Path(args.workdir), args.count, args.weights)
             _save_effective_config(args.workdir)
+    except StoppedWithRankZero:
+        return 2
     except PipelineError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -27,3 +27,8 @@ class WeightsMismatchError(PipelineError):
 
 class StorageError(PipelineError):
     """The disk is full (or a quota is reached) while writing results."""
+
+
+class StoppedWithRankZero(PipelineError):
+    """Under torchrun, rank 0 reported an error (bad config, a missing file) and the other ranks stop with
+    it; the CLI prints it once, on rank 0."""

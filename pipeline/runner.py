@@ -17,9 +17,8 @@ from types import ModuleType
 from typing import Sequence
 
 import torch
-import torch.distributed as dist
 
-from pipeline import digests, torchrun
+from pipeline import digests, distributed, torchrun
 from pipeline.artifacts import MANIFEST, ArtifactStore, read_json, stable_hash, write_json
 from pipeline.config import RunConfig, config_from_dict, parse_config
 from pipeline.context import Context
@@ -150,7 +149,8 @@ def run(cfg: Config, images_dir: str | Path, workdir: str | Path, start: str | N
     """Bring the stages up to date, taking unchanged ones from the cache; return their keys.
 
     With `start`, `only` stops after that stage (by default its dependants are brought up to date
-    too, so the workdir stays consistent). Upstream stages come from the cache (computed if missing)."""
+    too, so the workdir stays consistent). Upstream stages come from the cache (computed if missing).
+    Under torchrun every process runs this (see pipeline/distributed.py)."""
     if start is not None and start not in STAGE_NAMES:
         raise ConfigError(f"unknown stage {start!r} (stages: {', '.join(STAGE_NAMES)})")
     images, left_out = scan_images(images_dir, cfg.hash_content)
@@ -161,9 +161,9 @@ def run(cfg: Config, images_dir: str | Path, workdir: str | Path, start: str | N
     if first_rank:
         _print_left_out(left_out, Path(workdir) / STATE)
     fix_mmap_threshold()
-    # Under torchrun every process runs this; rank 0 holds the lock for all of them.
+    # Under torchrun rank 0 holds the lock for all the processes.
     with workdir_lock(workdir) if first_rank else contextlib.nullcontext():
-        return _run(cfg, images, left_out, images_dir, workdir, start, only, log)
+        return _run(cfg, images, left_out, images_dir, workdir, start, only, log if first_rank else _quiet)
 
 
 def _run(cfg: Config, images: list[ImageRecord], left_out: list[dict], images_dir, workdir, start: str | None,
@@ -176,50 +176,34 @@ def _run(cfg: Config, images: list[ImageRecord], left_out: list[dict], images_di
     keys = stage_keys(cfg, images)
     digests.save()
     todo = STAGES[:STAGE_NAMES.index(until) + 1]
-    to_compute = [s for s in todo if store.lookup(s.name, keys[s.name]) is None]
-    for stage in to_compute:  # fail on bad config and missing inputs before any work
-        check = getattr(stage.module, "check", None)
-        if check:
-            check(Context(cfg, images, store, Path(), {}, device), stage.params(cfg))
-    rank = _join_process_group(device, [s.name for s in to_compute])
+    share = distributed.join(device)
+    # Rank 0 alone repairs (a damaged entry is deleted) and checks; every rank then knows what to compute.
+    first_keys, to_compute = distributed.from_rank_zero(lambda: (keys, _to_compute(cfg, images, store, keys, todo, device)))
+    if first_keys != keys:
+        raise InputError(f"rank {share.rank} sees other images or another config than rank 0 (its stage keys "
+                         f"differ): every process must read the same photos folder, e.g. on a shared filesystem")
     torch.manual_seed(cfg.seed)
     counts_of: dict[str, dict] = {}  # each finished stage's counts, for the later stages' `check_counts`
     for position, stage in enumerate(todo):
         key = keys[stage.name]
         started = time.perf_counter()
-        if stage in to_compute:
-            if store.items(stage.name).is_dir():  # per-image results are reused only if intact
-                for older in store.finished_keys(stage.name):
-                    store.lookup(stage.name, older)
-            tmp = store.begin(stage.name, key)
-            ctx = Context(cfg, images, store, tmp, {u: store.entry(u, keys[u]) for u in stage.upstream}, device, key)
-            try:
-                counts = stage.module.run(ctx, stage.params(cfg))
-                seconds = time.perf_counter() - started
-                if rank:  # under torchrun, rank 0 alone writes the entry
-                    shutil.rmtree(tmp)
-                    continue
-                store.commit(stage.name, key, tmp, {
-                    "version": stage.module.VERSION, "params": stage.module.key_params(cfg),
-                    "upstream": {u: keys[u] for u in stage.upstream}, "inputs": dataset_fingerprint(images),
-                    "counts": counts, "skipped": ctx.skipped, "seconds": round(seconds, 3)}, uses=ctx.uses)
-            except OSError as exc:
-                if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
-                    raise
-                shutil.rmtree(tmp, ignore_errors=True)  # frees what this attempt wrote; finished per-image results stay
-                raise StorageError(f"no space left on the device while stage {stage.name} wrote "
-                                   f"{exc.filename or 'its results'}; free some space and run the same command "
-                                   f"again: finished work is kept") from None
+        if stage.name in to_compute:
+            counts = _compute(cfg, images, store, keys, stage, device, share)
+            seconds = time.perf_counter() - started
+            if share.rank:
+                continue
             log(f"{stage.name:<13} computed  {key[:12]}  {seconds:8.1f}s  {_summary(counts)}")
         else:
+            if share.rank:
+                continue
             counts = store.manifest(stage.name, key)["counts"]
             log(f"{stage.name:<13} cached    {key[:12]}")
         counts_of[stage.name] = counts
         for later in todo[position + 1:]:  # e.g. cluster.k against the object count, before embedding them
             check_counts = getattr(later.module, "check_counts", None)
-            if check_counts and later in to_compute:
+            if check_counts and later.name in to_compute:
                 check_counts(later.params(cfg), counts_of)
-    if rank:
+    if share.rank:
         return keys
     # Only a finished run is remembered, as a whole, so evaluate and export never mix two configs.
     wd.remember({"images": str(Path(images_dir).resolve()), "config": cfg.to_dict(),
@@ -228,19 +212,70 @@ def _run(cfg: Config, images: list[ImageRecord], left_out: list[dict], images_di
     return keys
 
 
-def _join_process_group(device: torch.device, to_compute: list[str]) -> int:
-    """Under torchrun (WORLD_SIZE > 1), join the process group and return this process's rank; else 0."""
-    if torchrun.world_size() <= 1:
-        return 0
-    serial = [name for name in to_compute if name not in DISTRIBUTED]
-    if serial:
-        raise ConfigError(f"under torchrun only {', '.join(DISTRIBUTED)} runs in every process; run the stages "
-                          f"{', '.join(serial)} first without torchrun (`run_pipeline.py stage {serial[0]} ... --only`)")
-    if not dist.is_initialized():
-        if device.type == "cuda":
-            torch.cuda.set_device(torchrun.local_rank())
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    return dist.get_rank()
+def _to_compute(cfg: Config, images: list[ImageRecord], store: ArtifactStore, keys: dict[str, str],
+                todo: tuple[Stage, ...], device: torch.device) -> list[str]:
+    """The stages of `todo` with no intact entry, checked: bad config and missing inputs fail before any work."""
+    to_compute = [s for s in todo if store.lookup(s.name, keys[s.name]) is None]
+    for stage in to_compute:
+        check = getattr(stage.module, "check", None)
+        if check:
+            check(Context(cfg, images, store, Path(), {}, device), stage.params(cfg))
+    return [s.name for s in to_compute]
+
+
+def _compute(cfg: Config, images: list[ImageRecord], store: ArtifactStore, keys: dict[str, str], stage: Stage,
+             device: torch.device, share: distributed.Share) -> dict:
+    """Compute one stage's entry; rank 0 commits it and returns its counts. Under torchrun a per-image stage
+    (one with `make`) first makes each rank's share of the per-image results, and rank 0 then only lists them;
+    a dataset-level stage runs on rank 0 while the others wait, except those in DISTRIBUTED (training)."""
+    started = time.perf_counter()
+    key, params = keys[stage.name], stage.params(cfg)
+    upstream = {u: store.entry(u, keys[u]) for u in stage.upstream}
+    tmp = None
+    try:
+        if share.rank == 0 and store.items(stage.name).is_dir():  # per-image results are reused only if intact
+            for older in store.finished_keys(stage.name):
+                store.lookup(stage.name, older)
+        made = []
+        if share.world > 1 and hasattr(stage.module, "make"):
+            distributed.barrier()  # rank 0 removed damaged per-image results: they are made again below
+            made = distributed.gathered_on_rank_zero(
+                stage.module.make(Context(cfg, images, store, Path(), upstream, device, key, share=share), params))
+        counts = {}
+        if share.rank == 0 or stage.name in DISTRIBUTED:
+            tmp = store.begin(stage.name, key)
+            ctx = Context(cfg, images, store, tmp, upstream, device, key)
+            counts = stage.module.run(ctx, params)
+            if share.rank:  # rank 0 alone writes the entry
+                shutil.rmtree(tmp)
+            else:
+                counts = _with_made_counts(counts, made)
+                store.commit(stage.name, key, tmp, {
+                    "version": stage.module.VERSION, "params": stage.module.key_params(cfg),
+                    "upstream": {u: keys[u] for u in stage.upstream}, "inputs": dataset_fingerprint(images),
+                    "counts": counts, "skipped": ctx.skipped, "processes": share.world,
+                    "seconds": round(time.perf_counter() - started, 3)}, uses=ctx.uses)
+        distributed.barrier()  # the entry is there before any rank goes on to the next stage
+        return counts
+    except OSError as exc:
+        if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)  # frees what this attempt wrote; finished per-image results stay
+        raise StorageError(f"no space left on the device while stage {stage.name} wrote "
+                           f"{exc.filename or 'its results'}; free some space and run the same command "
+                           f"again: finished work is kept") from None
+
+
+def _with_made_counts(counts: dict, made: list[dict]) -> dict:
+    """Rank 0's counts of the whole share, with what every rank's share made added in (`computed`: the
+    images computed by all the processes, not just the bad ones rank 0 tried again)."""
+    return {name: value + sum(m.get(name, 0) for m in made) if isinstance(value, int) and any(name in m for m in made)
+            else value for name, value in counts.items()}
+
+
+def _quiet(*args, **kwargs) -> None:
+    pass
 
 
 def status(workdir: str | Path) -> list[dict]:

@@ -28,7 +28,7 @@ from pipeline.context import Context, item_key, write_items
 from pipeline.errors import ConfigError, InputError
 from pipeline.images import decoded
 from pipeline.outputs import EMBEDDING_ROWS, EMBEDDINGS, load_objects, object_file
-from pipeline.precision import autocast
+from pipeline.precision import autocast, device_in_key
 
 VERSION = 1
 VIEWS = ("context", "grey", "blur")
@@ -61,7 +61,8 @@ def key_params(cfg) -> dict:
     # settings at version 1's behaviour are left out, so keys made before them stay valid
     chosen = {name: getattr(cfg.embed, name) for name in LEGACY if getattr(cfg.embed, name) != LEGACY[name]}
     return {"backbone": weights_key(cfg.backbone), "crop_size": cfg.objects.crop_size,
-            **{name: list(value) if isinstance(value, tuple) else value for name, value in chosen.items()}}
+            **{name: list(value) if isinstance(value, tuple) else value for name, value in chosen.items()},
+            **device_in_key(cfg.device)}  # float16 autocast on a GPU
 
 
 def check(ctx: Context, params: Params) -> None:
@@ -69,10 +70,24 @@ def check(ctx: Context, params: Params) -> None:
 
 
 def run(ctx: Context, params: Params) -> dict:
+    kept, done, computed = _made(ctx, params)
+    rows = _gather(ctx, ctx.store.items("embed"), kept, done)
+    write_items(ctx.out, [{"image": i["image"], "key": i["key"], "objects_key": i["objects_key"]} for i in kept])
+    return {"images": len(kept), "objects": rows, "computed_images": computed}
+
+
+def make(ctx: Context, params: Params) -> dict:
+    """Store the vectors of the images in `ctx.share` that have none yet; what was computed, counted."""
+    return {"computed_images": _made(ctx, params)[2]}
+
+
+def _made(ctx: Context, params: Params) -> tuple[list[dict], dict, int]:
+    """(the share's items with their vectors stored, the finished rows by item key, how many images were
+    embedded), embedding those not stored yet."""
     kp = key_params(ctx.cfg)
     records = {r.rel: r for r in ctx.images}
     items = [{"image": e["image"], "key": item_key("embed", VERSION, kp, e["key"]), "objects_key": e["key"],
-              "objects": e["objects"]} for e in ctx.upstream_items("objects")]
+              "objects": e["objects"]} for e in ctx.upstream_items("objects") if ctx.in_share(e["image"])]
     shards = ctx.store.items("embed")
     done = _finished_rows(shards)
     pending = [i for i in items if i["key"] not in done and i["objects"] > 0]
@@ -105,10 +120,7 @@ def run(ctx: Context, params: Params) -> dict:
             write_json(shards / f"{shard_id}.json", {"items": [[i["key"], n] for i, n in zip(chunk, counts)]})  # last: marks it finished
             done.update(_shard_rows(shards / f"{shard_id}.json"))
             outputs, counts, waiting = [], [], []
-    kept = [i for i in items if i["objects"] == 0 or i["key"] in done]
-    rows = _gather(ctx, shards, kept, done)
-    write_items(ctx.out, [{"image": i["image"], "key": i["key"], "objects_key": i["objects_key"]} for i in kept])
-    return {"images": len(kept), "objects": rows, "computed_images": len(pending)}
+    return [i for i in items if i["objects"] == 0 or i["key"] in done], done, len(pending)
 
 
 @torch.inference_mode()

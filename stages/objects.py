@@ -63,8 +63,29 @@ def key_params(cfg) -> dict:
 
 
 def run(ctx: Context, params: Params) -> dict:
+    entries, keys, failed, computed = _made(ctx, params)
+    items, total_objects = [], 0
+    for index, (entry, key) in enumerate(zip(entries, keys)):
+        if index in failed:
+            continue
+        count = len(load_objects(object_file(ctx.store, key))[1])
+        total_objects += count
+        items.append({"image": entry["image"], "key": key, "objects": count})
+        ctx.uses.append(object_file(ctx.store, key))
+    write_items(ctx.out, items)
+    return {"images": len(items), "computed": computed, "objects": total_objects}
+
+
+def make(ctx: Context, params: Params) -> dict:
+    """Store the objects of the images in `ctx.share` that have none yet; what was computed, counted."""
+    return {"computed": _made(ctx, params)[3]}
+
+
+def _made(ctx: Context, params: Params) -> tuple[list[dict], list[str], set[int], int]:
+    """(the share's saliency items, their objects keys, positions of those that failed, how many were made),
+    making the objects not stored yet."""
     kp = key_params(ctx.cfg)
-    entries = ctx.upstream_items("saliency")
+    entries = [e for e in ctx.upstream_items("saliency") if ctx.in_share(e["image"])]
     keys = [item_key("objects", VERSION, kp, e["key"]) for e in entries]
     pending = [i for i, key in enumerate(keys) if not object_file(ctx.store, key).is_file()]
     failed = set()
@@ -76,16 +97,7 @@ def run(ctx: Context, params: Params) -> dict:
             failed.add(index)
         else:
             save_objects(object_file(ctx.store, keys[index]), *found)
-    items, total_objects = [], 0
-    for index, (entry, key) in enumerate(zip(entries, keys)):
-        if index in failed:
-            continue
-        count = len(load_objects(object_file(ctx.store, key))[1])
-        total_objects += count
-        items.append({"image": entry["image"], "key": key, "objects": count})
-        ctx.uses.append(object_file(ctx.store, key))
-    write_items(ctx.out, items)
-    return {"images": len(items), "computed": len(pending) - len(failed), "objects": total_objects}
+    return entries, keys, failed, len(pending) - len(failed)
 
 
 def _found_objects(ctx: Context, params: Params, entries: list[dict]):

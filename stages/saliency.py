@@ -35,6 +35,7 @@ from pipeline.refine import RefineParams, refine_scores
 from pipeline.errors import ConfigError, InputError
 from pipeline.images import DEFAULT_MAX_PIXELS, decoded, files_named_like
 from pipeline.outputs import mask_file
+from pipeline.precision import device_in_key
 
 VERSION = 2  # 2: uniform photos have no foreground
 SPECTRAL_GRID = 28  # patches per side when input_size is 0
@@ -87,7 +88,7 @@ class Method:
     before any work, how it makes the masks."""
     key_params: Callable[..., dict]  # (cfg) -> the method's part of the key
     check: Callable[..., object]  # (ctx, params): fails when an input is missing
-    run: Callable[..., dict]  # (ctx, params) -> counts
+    made: Callable[..., tuple[list[dict], dict]]  # (ctx, params) -> (items of ctx's share, counts), making what is missing
 
 
 def key_params(cfg) -> dict:
@@ -102,22 +103,34 @@ def check(ctx: Context, params: Params) -> None:
 
 
 def run(ctx: Context, params: Params) -> dict:
-    return METHODS[params.method].run(ctx, params)
+    items, counts = METHODS[params.method].made(ctx, params)
+    ctx.uses += [mask_file(ctx.store, i["key"]) for i in items]
+    if params.method == "self_trained":
+        ctx.uses.append(_head_file(ctx.store, counts["head"]))
+    write_items(ctx.out, items)
+    return {"images": len(items), **counts}
 
 
-def _each_image(ctx: Context, predict, masks: dict[str, Path] | None = None) -> dict:
+def make(ctx: Context, params: Params) -> dict:
+    """Store the masks of the images in `ctx.share` that have none yet; what was computed, counted."""
+    return METHODS[params.method].made(ctx, params)[1]
+
+
+def _each_image(ctx: Context, predictor, masks: dict[str, Path] | None = None) -> tuple[list[dict], dict]:
     """The masks of the methods that make each image's mask alone (from the photo, or a user's mask file)."""
     masks = masks or {}
     key_params_ = key_params(ctx.cfg)
-    key_of = {r.rel: item_key("saliency", VERSION, key_params_, _parent(r, masks)) for r in ctx.images}
-    items, computed = _masks_of(ctx, key_of, predict)
-    return _listed(ctx, items, computed)
+    key_of = {r.rel: item_key("saliency", VERSION, key_params_, _parent(r, masks)) for r in ctx.images
+              if ctx.in_share(r.rel)}
+    items, computed = _masks_of(ctx, key_of, predictor)
+    return items, {"computed": computed}
 
 
 def _spectral_params(cfg) -> dict:
     p = cfg.saliency
     refine = {"refine": dataclasses.asdict(p.refine)} if p.refine.method != "none" else {}  # keys made before it stay valid
-    return {"method": "spectral", "input_size": p.input_size, "tau": p.tau, "backbone": weights_key(cfg.backbone), **refine}
+    return {"method": "spectral", "input_size": p.input_size, "tau": p.tau, "backbone": weights_key(cfg.backbone), **refine,
+            **device_in_key(cfg.device)}
 
 
 def _self_trained_params(cfg) -> dict:
@@ -127,8 +140,10 @@ def _self_trained_params(cfg) -> dict:
 
 def _onnx_params(cfg) -> dict:
     p = cfg.saliency
-    return {"method": p.method, "model_sha256": file_digest(p.model) if Path(p.model).is_file() else "", "cpu_float16_as": "float32", "input_size": p.input_size,
-            "mean": p.mean, "std": p.std, "threshold": p.threshold}
+    # on the CPU a float16 model runs widened to float32; on a GPU as it is, in float16
+    precision = device_in_key(cfg.device) or {"cpu_float16_as": "float32"}
+    return {"method": p.method, "model_sha256": file_digest(p.model) if Path(p.model).is_file() else "",
+            **precision, "input_size": p.input_size, "mean": p.mean, "std": p.std, "threshold": p.threshold}
 
 
 def _folder_params(cfg) -> dict:
@@ -145,17 +160,22 @@ def _check_onnx(ctx: Context, params: Params) -> None:
         raise ConfigError("saliency.method=onnx needs saliency.model=/path/to/model.onnx")
     if not Path(params.model).is_file():
         raise InputError(f"saliency.model={params.model}: no such file")
+    import onnxruntime
+    _onnx_providers(onnxruntime, ctx.device)
 
 
-def _run_folder(ctx: Context, params: Params) -> dict:
+def _made_folder(ctx: Context, params: Params) -> tuple[list[dict], dict]:
     masks = _masks_for(ctx, params)
-    return _each_image(ctx, lambda record, rgb: _read_user_mask(masks[record.rel], rgb.shape[:2], params.threshold), masks)
+    return _each_image(ctx, lambda: lambda record, rgb: _read_user_mask(masks[record.rel], rgb.shape[:2], params.threshold),
+                       masks)
 
 
-def _masks_of(ctx: Context, key_of: dict[str, str], predict, report_bad: bool = True) -> tuple[list[dict], int]:
-    """Each image's mask under `key_of[image]`, made by `predict(record, rgb)` where it is not stored yet:
+def _masks_of(ctx: Context, key_of: dict[str, str], predictor, report_bad: bool = True) -> tuple[list[dict], int]:
+    """Each image's mask under `key_of[image]`, made by `predictor()(record, rgb)` where it is not stored yet:
     (items of the images that decode, in input order; how many masks were made)."""
     pending = [r for r in ctx.images if r.rel in key_of and not mask_file(ctx.store, key_of[r.rel]).is_file()]
+    if pending:  # built only when there is work: rank 0's final pass over stored masks needs no model
+        predict = predictor()
     loader = decoded([r.path for r in pending], workers=ctx.cfg.workers)
     bad = set()
     for index, rgb, reason in ctx.progress(loader, "saliency", total=len(pending)):
@@ -171,12 +191,6 @@ def _masks_of(ctx: Context, key_of: dict[str, str], predict, report_bad: bool = 
     # Images that failed in an earlier run are decoded again above, so `bad` is complete.
     items = [{"image": r.rel, "key": key_of[r.rel]} for r in ctx.images if r.rel in key_of and r.rel not in bad]
     return items, len(pending) - len(bad)
-
-
-def _listed(ctx: Context, items: list[dict], computed: int, **counts) -> dict:
-    ctx.uses += [mask_file(ctx.store, i["key"]) for i in items]
-    write_items(ctx.out, items)
-    return {"images": len(items), "computed": computed, **counts}
 
 
 def is_uniform(rgb: np.ndarray) -> bool:
@@ -247,22 +261,32 @@ def fiedler_foreground(features: np.ndarray, grid: tuple[int, int], tau: float) 
 HEAD_CHECKPOINT_EVERY = 50  # Adam steps between the resumable states of a head's training
 
 
-def _run_self_trained(ctx: Context, params: Params) -> dict:
+def _made_self_trained(ctx: Context, params: Params) -> tuple[list[dict], dict]:
     """Spectral masks (cached as method=spectral caches them) train the head; its refined predictions are
-    the masks. The head is an artifact of its own, keyed by the spectral results it learnt from."""
-    spectral = _Spectral(ctx, params)
+    the masks. The head is an artifact of its own, keyed by the spectral results it learnt from: it learns
+    from every image's seed, so under torchrun rank 0 trains it once all ranks stored their seeds."""
+    spectral = functools.cache(lambda: _Spectral(ctx, params))
     as_spectral = dataclasses.replace(ctx.cfg, saliency=dataclasses.replace(params, method="spectral"))
     seed_params = key_params(as_spectral)  # the very keys method=spectral stores its masks under
     seed_of = {r.rel: item_key("saliency", VERSION, seed_params, r.fingerprint) for r in ctx.images}
-    seeds, seeds_computed = _masks_of(ctx, seed_of, spectral)
-    head, head_file = _trained_head(ctx, params, spectral, seeds)
-    kept = {i["image"] for i in seeds}
+    _, seeds_computed = _masks_of(ctx, {rel: key for rel, key in seed_of.items() if ctx.in_share(rel)}, spectral)
+
+    def learnt():  # once every rank stored its seeds; an image with none did not decode
+        seeds = [{"image": rel, "key": key} for rel, key in seed_of.items() if mask_file(ctx.store, key).is_file()]
+        return seeds, *_trained_head(ctx, params, spectral(), seeds)
+
+    seeds, head, head_file = ctx.rank_zero_first(learnt)
     head_key = head_file.stem.removeprefix("head-")
+    kept = {i["image"] for i in seeds}
     predict_params = {**key_params(ctx.cfg), "head_key": head_key}
-    key_of = {r.rel: item_key("saliency", VERSION, predict_params, r.fingerprint) for r in ctx.images if r.rel in kept}
-    items, computed = _masks_of(ctx, key_of, functools.partial(_head_mask, head, spectral), report_bad=False)
-    ctx.uses.append(head_file)
-    return _listed(ctx, items, computed, spectral_computed=seeds_computed, head=head_key)
+    key_of = {r.rel: item_key("saliency", VERSION, predict_params, r.fingerprint) for r in ctx.images
+              if r.rel in kept and ctx.in_share(r.rel)}
+    items, computed = _masks_of(ctx, key_of, lambda: functools.partial(_head_mask, head, spectral()), report_bad=False)
+    return items, {"computed": computed, "spectral_computed": seeds_computed, "head": head_key}
+
+
+def _head_file(store, head_key: str) -> Path:
+    return store.items("saliency") / f"head-{head_key}.pt"
 
 
 class SaliencyHead(torch.nn.Module):
@@ -300,7 +324,7 @@ def _trained_head(ctx: Context, params: Params, spectral: _Spectral, seeds: list
     head, key = None, stable_hash({"seeds": [i["key"] for i in chosen], "params": _self_trained_params(ctx.cfg)})
     for round_ in range(params.head.rounds):
         key = stable_hash({"after": key, "round": round_})
-        path = ctx.store.items("saliency") / f"head-{key}.pt"
+        path = _head_file(ctx.store, key)
         if not path.is_file():
             patches, targets = _training_set(ctx, chosen, head, spectral)
             trained = _train_head(patches, targets, params.head, ctx.cfg.seed, path.with_suffix(".resume"))
@@ -382,8 +406,7 @@ class _OnnxSaliency:
 
         self.params = params
         providers = _onnx_providers(onnxruntime, device)
-        model = onnx.load(params.model) if "CUDAExecutionProvider" in providers else \
-            onnx.load_from_string(float32_model(params.model))
+        model = onnx.load(params.model) if device.type == "cuda" else onnx.load_from_string(float32_model(params.model))
         model_input = model.graph.input[0]
         self.input_name = model_input.name
         fixed = [d.dim_value for d in model_input.type.tensor_type.shape.dim[2:] if d.dim_value]
@@ -458,11 +481,16 @@ def float32_model(path: str) -> bytes:
     return model.SerializeToString()
 
 
-def _onnx_providers(onnxruntime, device: torch.device) -> list[str]:
-    """CUDA only when `device` asks for it (and the onnxruntime build has it), never just because it exists."""
-    available = onnxruntime.get_available_providers()
-    wanted = ("CUDAExecutionProvider", "CPUExecutionProvider") if device.type == "cuda" else ("CPUExecutionProvider",)
-    return [p for p in wanted if p in available]
+def _onnx_providers(onnxruntime, device: torch.device) -> list:
+    """CUDA exactly when `device` asks for it, never just because it exists: on this process's GPU (under
+    torchrun, its LOCAL_RANK's), with the CPU for the operators CUDA lacks."""
+    if device.type != "cuda":
+        return ["CPUExecutionProvider"]
+    if "CUDAExecutionProvider" not in onnxruntime.get_available_providers():
+        raise ConfigError("device=cuda, but this onnxruntime has no CUDAExecutionProvider: "
+                          "install the GPU build (pip install -e \".[gpu]\", see the README) or use device=cpu")
+    gpu = device.index if device.index is not None else torch.cuda.current_device()
+    return [("CUDAExecutionProvider", {"device_id": gpu}), "CPUExecutionProvider"]
 
 
 # --- folder: the user's masks ----------------------------------------------------------------------
@@ -492,8 +520,8 @@ def _read_user_mask(path: Path, shape: tuple[int, int], threshold: float) -> np.
 
 
 METHODS = {
-    "spectral": Method(_spectral_params, _check_backbone, lambda ctx, params: _each_image(ctx, _Spectral(ctx, params))),
-    "self_trained": Method(_self_trained_params, _check_backbone, _run_self_trained),
-    "onnx": Method(_onnx_params, _check_onnx, lambda ctx, params: _each_image(ctx, _OnnxSaliency(params, ctx.device))),
-    "folder": Method(_folder_params, _masks_for, _run_folder),
+    "spectral": Method(_spectral_params, _check_backbone, lambda ctx, params: _each_image(ctx, lambda: _Spectral(ctx, params))),
+    "self_trained": Method(_self_trained_params, _check_backbone, _made_self_trained),
+    "onnx": Method(_onnx_params, _check_onnx, lambda ctx, params: _each_image(ctx, lambda: _OnnxSaliency(params, ctx.device))),
+    "folder": Method(_folder_params, _masks_for, _made_folder),
 }

@@ -1,6 +1,8 @@
 """ONNX saliency at another input size than the model was exported at (ISNet: 1024, run at 640 or 512)."""
 from __future__ import annotations
 
+import types
+
 import cv2
 import numpy as np
 import pytest
@@ -72,5 +74,14 @@ def test_the_stage_runs_the_model_at_the_configured_size(tmp_path):
 
 
 def test_cuda_is_used_only_when_the_device_asks_for_it():
-    assert _onnx_providers(ort, torch.device("cpu")) == ["CPUExecutionProvider"]
-    assert _onnx_providers(ort, torch.device("cuda"))[-1] == "CPUExecutionProvider"
+    gpu_build = types.SimpleNamespace(get_available_providers=lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"])
+    assert _onnx_providers(gpu_build, torch.device("cpu")) == ["CPUExecutionProvider"]
+    # under torchrun each rank's session runs on its own GPU, not on GPU 0
+    assert _onnx_providers(gpu_build, torch.device("cuda", 1)) == [("CUDAExecutionProvider", {"device_id": 1}),
+                                                                   "CPUExecutionProvider"]
+
+
+def test_device_cuda_without_the_gpu_build_is_a_one_line_error():
+    cpu_build = types.SimpleNamespace(get_available_providers=lambda: ["CPUExecutionProvider"])
+    with pytest.raises(ConfigError, match=r"no CUDAExecutionProvider: install the GPU build \(pip install -e"):
+        _onnx_providers(cpu_build, torch.device("cuda", 0))
