@@ -60,6 +60,13 @@ def join(device: torch.device) -> Share:
     return Share(dist.get_rank(), dist.get_world_size())
 
 
+def leave() -> None:
+    """Leave the process group before the process ends: a group torn down at exit, while a peer's
+    connection closes, aborts the process (gloo: "terminate called without an active exception")."""
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
 def barrier() -> None:
     if dist.is_initialized():
         dist.barrier()

@@ -162,8 +162,11 @@ def run(cfg: Config, images_dir: str | Path, workdir: str | Path, start: str | N
         _print_left_out(left_out, Path(workdir) / STATE)
     fix_mmap_threshold()
     # Under torchrun rank 0 holds the lock for all the processes.
-    with workdir_lock(workdir) if first_rank else contextlib.nullcontext():
-        return _run(cfg, images, left_out, images_dir, workdir, start, only, log if first_rank else _quiet)
+    try:
+        with workdir_lock(workdir) if first_rank else contextlib.nullcontext():
+            return _run(cfg, images, left_out, images_dir, workdir, start, only, log if first_rank else _quiet)
+    finally:
+        distributed.leave()
 
 
 def _run(cfg: Config, images: list[ImageRecord], left_out: list[dict], images_dir, workdir, start: str | None,
