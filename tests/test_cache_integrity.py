@@ -129,9 +129,9 @@ def test_a_second_writer_on_the_same_workdir_is_refused_and_a_dead_holders_lock_
     holder = subprocess.Popen([sys.executable, "-c", (
         "import os, sys, time; sys.path.insert(0, sys.argv[1]); from pipeline.lock import workdir_lock\n"
         "with workdir_lock(sys.argv[2]):\n"
-        "    child = os.fork()\n"
-        "    if child == 0:\n        time.sleep(60); os._exit(0)\n"
-        "    print(child, flush=True); time.sleep(60)"), str(ROOT), str(tmp_path)],
+        "    child = os.fork()\n"  # the child says its pid once it runs, past the fork hook that closes its copy
+        "    if child == 0:\n        print(os.getpid(), flush=True); time.sleep(60); os._exit(0)\n"
+        "    time.sleep(60)"), str(ROOT), str(tmp_path)],
         stdout=subprocess.PIPE, text=True)
     child = None
     try:
