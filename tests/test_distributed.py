@@ -18,6 +18,7 @@ import pytest
 from pipeline import distributed
 from pipeline.artifacts import read_json
 from pipeline.context import Context
+from pipeline.outputs import load_embeddings, mask_file, read_items
 from pipeline.runner import Workdir
 from tests.conftest import ROOT, TINY
 
@@ -47,10 +48,8 @@ def _bytes(workdir: Path) -> dict[str, bytes]:
     """What must not depend on the number of processes: saliency masks, embeddings, pseudo masks."""
     entry = Workdir(workdir).latest_entry
     found = {f"pseudo_masks/{p.name}": p.read_bytes() for p in sorted((entry("pseudo_masks") / "masks").rglob("*.png"))}
-    found["embeddings.npy"] = np.load(entry("embed") / "embeddings.npy").tobytes()
-    for item in read_json(entry("saliency") / "items.json"):
-        found[f"saliency/{item['image']}"] = (workdir / "cache" / "saliency" / "items" / f"{item['key']}.png").read_bytes()
-    return found
+    found["embeddings"] = np.asarray(load_embeddings(entry("embed"))).tobytes()
+    return found | {f"saliency/{image}": mask for image, mask in _masks(workdir).items()}
 
 
 def _manifest(workdir: Path, stage: str) -> dict:
@@ -215,8 +214,8 @@ def test_self_trained_saliency_learns_one_head_from_every_ranks_seeds(images, tm
 
 
 def _masks(workdir: Path) -> dict[str, bytes]:
-    items = read_json(Workdir(workdir).latest_entry("saliency") / "items.json")
-    return {i["image"]: (workdir / "cache" / "saliency" / "items" / f"{i['key']}.png").read_bytes() for i in items}
+    wd = Workdir(workdir)
+    return {i["image"]: mask_file(wd.store, i["key"]).read_bytes() for i in read_items(wd.latest_entry("saliency"))}
 
 
 def test_an_error_rank_zero_finds_before_any_work_stops_every_rank_and_is_printed_once(images, tmp_path):
