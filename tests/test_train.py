@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 
 import stages.train
-from pipeline import runner
+from pipeline import distributed, runner
 from pipeline.artifacts import read_json
 from pipeline.backbones import BackboneParams
 from pipeline.errors import ConfigError, InputError
@@ -236,6 +236,7 @@ def tiny_config_args(*overrides):
 
 def test_a_global_batch_that_does_not_split_over_the_processes_is_refused(images, tmp_path, monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "3")
+    monkeypatch.setattr(distributed, "join", lambda device: distributed.Share(0, 3))  # rank 0 checks for all
     with pytest.raises(ConfigError, match="train.batch_size=4 does not split over 3 processes"):
         _train(images, tmp_path / "wd")
     assert not (tmp_path / "wd" / "cache").exists()  # refused before any work
@@ -253,6 +254,7 @@ def test_a_batch_of_one_is_a_one_line_error_before_any_work(images, tmp_path, ca
 
 def test_one_sample_per_process_on_the_cpu_is_refused_before_any_work(images, tmp_path, monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "2")  # as under torchrun: no SyncBatchNorm on the CPU, each process normalises alone
+    monkeypatch.setattr(distributed, "join", lambda device: distributed.Share(0, 2))
     with pytest.raises(ConfigError, match="train.batch_size=2 leaves 1 sample per process over 2 processes"):
         _train(images, tmp_path / "wd", "train.batch_size=2")
     assert not (tmp_path / "wd" / "cache").exists()
