@@ -181,7 +181,8 @@ def _run(cfg: Config, images: list[ImageRecord], left_out: list[dict], images_di
     todo = STAGES[:STAGE_NAMES.index(until) + 1]
     share = distributed.join(device)
     # Rank 0 alone repairs (a damaged entry is deleted) and checks; every rank then knows what to compute.
-    first_keys, to_compute = distributed.from_rank_zero(lambda: (keys, _to_compute(cfg, images, store, keys, todo, device)))
+    first_keys, to_compute = distributed.from_rank_zero(
+        lambda: (keys, _to_compute(cfg, images, store, keys, todo, device)))
     if first_keys != keys:
         raise InputError(f"rank {share.rank} sees other images or another config than rank 0 (its stage keys "
                          f"differ): every process must read the same photos folder, e.g. on a shared filesystem")

@@ -129,8 +129,8 @@ def _each_image(ctx: Context, predictor, masks: dict[str, Path] | None = None) -
 def _spectral_params(cfg) -> dict:
     p = cfg.saliency
     refine = {"refine": dataclasses.asdict(p.refine)} if p.refine.method != "none" else {}  # keys made before it stay valid
-    return {"method": "spectral", "input_size": p.input_size, "tau": p.tau, "backbone": weights_key(cfg.backbone), **refine,
-            **device_in_key(cfg.device)}
+    return {"method": "spectral", "input_size": p.input_size, "tau": p.tau, "backbone": weights_key(cfg.backbone),
+            **refine, **device_in_key(cfg.device)}
 
 
 def _self_trained_params(cfg) -> dict:
@@ -166,8 +166,11 @@ def _check_onnx(ctx: Context, params: Params) -> None:
 
 def _made_folder(ctx: Context, params: Params) -> tuple[list[dict], dict]:
     masks = _masks_for(ctx, params)
-    return _each_image(ctx, lambda: lambda record, rgb: _read_user_mask(masks[record.rel], rgb.shape[:2], params.threshold),
-                       masks)
+
+    def read(record, rgb: np.ndarray) -> np.ndarray:
+        return _read_user_mask(masks[record.rel], rgb.shape[:2], params.threshold)
+
+    return _each_image(ctx, lambda: read, masks)
 
 
 def _masks_of(ctx: Context, key_of: dict[str, str], predictor, report_bad: bool = True) -> tuple[list[dict], int]:
@@ -520,8 +523,10 @@ def _read_user_mask(path: Path, shape: tuple[int, int], threshold: float) -> np.
 
 
 METHODS = {
-    "spectral": Method(_spectral_params, _check_backbone, lambda ctx, params: _each_image(ctx, lambda: _Spectral(ctx, params))),
+    "spectral": Method(_spectral_params, _check_backbone,
+                       lambda ctx, params: _each_image(ctx, lambda: _Spectral(ctx, params))),
     "self_trained": Method(_self_trained_params, _check_backbone, _made_self_trained),
-    "onnx": Method(_onnx_params, _check_onnx, lambda ctx, params: _each_image(ctx, lambda: _OnnxSaliency(params, ctx.device))),
+    "onnx": Method(_onnx_params, _check_onnx,
+                   lambda ctx, params: _each_image(ctx, lambda: _OnnxSaliency(params, ctx.device))),
     "folder": Method(_folder_params, _masks_for, _made_folder),
 }
