@@ -1,5 +1,6 @@
 """The whole pipeline under torchrun (gloo on the CPU): the same bytes as one process, on one machine or two
-"nodes", resumed after a kill with another number of processes."""
+"nodes", resumed after a kill with another number of processes; and the device in the keys (GPU paths
+checked on the CPU)."""
 from __future__ import annotations
 
 import os
@@ -225,3 +226,20 @@ def test_an_error_rank_zero_finds_before_any_work_stops_every_rank_and_is_printe
     # each rank ends with exit code 2, none with a traceback or an abort (torchrun itself reports the failure)
     assert "[rank" not in failed.stderr and "terminate called" not in failed.stderr
     assert len(re.findall(r"exitcode\s+:\s*2 \(pid", failed.stderr)) == 2  # torchrun's summary, a line per rank
+
+
+def test_the_device_is_in_the_keys_only_where_a_gpu_changes_the_bytes(tmp_path):
+    from stages import embed, objects, saliency
+    from tests.conftest import tiny_config
+
+    (tmp_path / "masks").mkdir()
+    model = ["saliency.method=onnx", f"saliency.model={tmp_path / 'model.onnx'}"]
+    cpu, gpu = tiny_config("device=cpu"), tiny_config("device=cuda")
+    assert embed.key_params(gpu) == {**embed.key_params(cpu), "device": "cuda"}  # float16 autocast
+    assert saliency.key_params(gpu) == {**saliency.key_params(cpu), "device": "cuda"}  # spectral: CUDA kernels
+    cpu_onnx = saliency.key_params(tiny_config("device=cpu", *model))
+    gpu_onnx = saliency.key_params(tiny_config("device=cuda", *model))  # run in float16 there, not widened
+    assert cpu_onnx.pop("cpu_float16_as") == "float32" and gpu_onnx.pop("device") == "cuda" and cpu_onnx == gpu_onnx
+    folder = ["saliency.method=folder", f"saliency.masks_dir={tmp_path / 'masks'}"]
+    assert saliency.key_params(tiny_config("device=cuda", *folder)) == saliency.key_params(tiny_config(*folder))
+    assert objects.key_params(gpu) == objects.key_params(cpu)  # computed on the CPU anyway
