@@ -7,7 +7,9 @@ workdir as one process and as `torchrun --standalone --nproc_per_node=2` (gloo),
 OMP_NUM_THREADS=1 (so torch computes on one thread per process) and no DataLoader workers. The stages'
 seconds come from their manifests (rank 0 commits only after every rank's share is done, so they are
 wall-clock seconds of the whole stage, process start-up excluded); the command's wall time is printed
-too. Prints the best of the repeats and the throughput ratio 2 processes / 1 process (goal >= 1.8).
+too, and the CPU seconds all the processes of the command used (start-up included): sharing the work out
+should not add to it. Prints the best of the repeats and the throughput ratio 2 processes / 1 process
+(goal >= 1.8).
 Default model: the demo's stand-in MobileNetV2 from ../shared/models (spectral saliency on its features).
 
 Linux's autogroup scheduler (kernel.sched_autogroup_enabled=1) shares the CPUs between sessions, not
@@ -20,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import resource
 import socket
 import subprocess
 import sys
@@ -59,15 +62,21 @@ def timed_run(processes: int, images: Path, workdir: Path, overrides: list[str],
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "OBJSEG_OFFLINE": "1"}
     command = [str(ROOT / "run_pipeline.py"), "stage", "embed", "--only", "--images", str(images), "--workdir",
                str(workdir), *overrides]
-    started = time.perf_counter()
+    started, cpu_before = time.perf_counter(), _children_cpu()
     running = [subprocess.Popen([*launcher, *command], cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
                                 stderr=subprocess.DEVNULL, start_new_session=own_sessions)
                for launcher in launchers(processes, own_sessions)]
     if any(p.wait() for p in running):
         raise SystemExit(f"the {processes}-process run failed: {' '.join(command)}")
-    wall = time.perf_counter() - started
+    wall, cpu = time.perf_counter() - started, _children_cpu() - cpu_before
     seconds = {s: read_json(Workdir(workdir).latest_entry(s) / "manifest.json")["seconds"] for s in PER_IMAGE}
-    return {"wall": wall, "stages": sum(seconds.values()), **seconds}
+    return {"wall": wall, "cpu": cpu, "stages": sum(seconds.values()), **seconds}
+
+
+def _children_cpu() -> float:
+    """CPU seconds (user + system) of the finished children and theirs (torchrun's workers)."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
 
 
 def main() -> None:
@@ -92,10 +101,10 @@ def main() -> None:
                 if processes not in best or result["stages"] < best[processes]["stages"]:
                     best[processes] = result
     print(f"load average after: {os.getloadavg()[0]:.2f}")
-    print(f"\n{'':14}{'saliency':>10}{'objects':>10}{'embed':>10}{'stages':>10}{'img/s':>8}{'wall':>9}")
+    print(f"\n{'':14}{'saliency':>10}{'objects':>10}{'embed':>10}{'stages':>10}{'img/s':>8}{'wall':>9}{'cpu':>9}")
     for processes, result in best.items():
         print(f"{processes} x 1 thread  " + "".join(f"{result[s]:9.1f}s" for s in (*PER_IMAGE, "stages"))
-              + f"{args.images / result['stages']:8.2f}{result['wall']:8.1f}s")
+              + f"{args.images / result['stages']:8.2f}{result['wall']:8.1f}s{result['cpu']:8.1f}s")
     print(f"throughput ratio 2 processes / 1 process: {best[1]['stages'] / best[2]['stages']:.2f} "
           f"(stages), {best[1]['wall'] / best[2]['wall']:.2f} (whole command, start-up included)")
 
