@@ -3,7 +3,8 @@
   OUT/masks/<id>.png      palette PNG of class ids (0 background, 1..k clusters)
   OUT/overlays/<id>.jpg   the image with its classes blended in
   OUT/predict.json        the checkpoint's hash, counts and skipped images
-Each mask is written atomically and finished ones are kept, so an interrupted predict resumes.
+Each mask is written atomically and finished ones are kept, so an interrupted predict resumes. Photos
+are segmented as training segmented its own: the checkpoint's `inference` (scales, flips, refinement).
 """
 from __future__ import annotations
 
@@ -17,12 +18,14 @@ from tqdm import tqdm
 from pipeline.artifacts import atomic_write, file_sha256, read_json, write_json
 from pipeline.errors import InputError
 from pipeline.images import decoded, is_image_problem, label_palette, scan_images, write_label_png
-from pipeline.segmenter import segmenter_from_checkpoint
+from pipeline.segmenter import Inference, segmenter_from_checkpoint
 
 PALETTE = np.array(label_palette(), dtype=np.uint8).reshape(256, 3)
 
 
-def predict_folder(checkpoint: Path, images_dir: Path, out: Path, device, workers: int = 0, strict: bool = False) -> dict:
+def predict_folder(checkpoint: Path, images_dir: Path, out: Path, device, workers: int = 0, strict: bool = False,
+                   inference: Inference | None = None) -> dict:
+    """`inference` replaces the checkpoint's own (benchmarks measure test-time options with it)."""
     checkpoint, out = Path(checkpoint), Path(out)
     if not checkpoint.is_file():
         raise InputError(f"checkpoint not found: {checkpoint}")
@@ -33,6 +36,7 @@ def predict_folder(checkpoint: Path, images_dir: Path, out: Path, device, worker
     if summary_file.is_file() and read_json(summary_file).get("checkpoint_sha256") != digest:
         raise InputError(f"{out} holds predictions of another checkpoint; choose another --out")
     model, payload = segmenter_from_checkpoint(checkpoint, device)
+    inference = inference or Inference.from_dict(payload["inference"])
     records, left_out = scan_images(images_dir)
     for entry in left_out:  # as `run` reports them; they are listed in predict.json too
         if strict and is_image_problem(entry):
@@ -51,7 +55,7 @@ def predict_folder(checkpoint: Path, images_dir: Path, out: Path, device, worker
             tqdm.write(f"skipped {record.rel}: {reason}", file=sys.stderr)
             skipped.append({"image": record.rel, "reason": reason})
             continue
-        labels = model.predict(rgb, payload["predict_size"])
+        labels, _ = model.predict(rgb, inference)
         overlay = out / "overlays" / f"{record.stem}.jpg"
         overlay.parent.mkdir(parents=True, exist_ok=True)
         Image.fromarray(blend(rgb, labels)).save(overlay, quality=90)

@@ -13,7 +13,8 @@ them. An entry is the folder `cache/<stage>/<key>/`; per-image results live in `
 - cluster: `assignments.npy` (cluster per row), `distances.npy` (to its centroid), `core.npy` (bool:
   kept, not ignored), `centroids.npy`; `counts.cluster_sizes` (objects per cluster, k of them).
 - pseudo_masks, train: `masks/<stem>.png` label PNGs (0 background, cluster + 1, IGNORE); `counts.classes`.
-- train: `latest.pt`, `best.pt` (self-describing checkpoints, see pipeline/segmenter.py), `train_log.csv`.
+- train: `latest.pt`, `best.pt` (self-describing checkpoints, see pipeline/segmenter.py), `round<N>.pt`
+  (each earlier self-training round's final network), `train_log.csv`.
 - per-image stages, pseudo_masks and train: `items.json`, the entry's items in input order.
 """
 from __future__ import annotations

@@ -19,9 +19,26 @@ from torch import nn
 from pipeline.artifacts import atomic_write
 from pipeline.backbones import IMAGENET_MEAN, IMAGENET_STD, BackboneParams, build_trunk
 from pipeline.errors import InputError
+from pipeline.refine import RefineParams, refine_scores
 
-FORMAT = "objseg.segmenter/3"  # 2: MobileNetV2 heads read 320 channels; 3: predict_size replaces base_size
+FORMAT = "objseg.segmenter/4"  # 2: MobileNetV2 heads read 320 channels; 3: predict_size replaces base_size;
+# 4: `inference` (short side, scales, refinement) replaces predict_size
 CHANNELS = {"resnet": 2048, "mobilenet_v2": 320}
+STRIDES = {"resnet": 8, "mobilenet_v2": 16}  # dilated output strides; a ViT's is its patch size
+
+
+@dataclasses.dataclass(frozen=True)
+class Inference:
+    """How a segmenter predicts, recorded in its checkpoint so that `predict` segments new photos as
+    training predicted its own: the softmax scores of the photo at each scale of `short_side` and of its
+    mirror image are averaged, optionally refined along the photo's colour edges, then argmaxed."""
+    short_side: int
+    scales: tuple[float, ...] = (1.0,)
+    refine: RefineParams = RefineParams()
+
+    @classmethod
+    def from_dict(cls, raw: dict) -> Inference:
+        return cls(raw["short_side"], tuple(raw["scales"]), RefineParams(**raw["refine"]))
 
 
 class Segmenter(nn.Module):
@@ -36,11 +53,15 @@ class Segmenter(nn.Module):
             del self.trunk.features[-1]
         channels = self.trunk.embed_dim if self.family == "vit" else CHANNELS[self.family]
         self.head = DeepLabHead(channels, num_classes)
-        self.patch = self.trunk.patch_embed.patch_size[0] if self.family == "vit" else 8
+        self.stride = self.trunk.patch_embed.patch_size[0] if self.family == "vit" else STRIDES[self.family]
+        if self.family != "vit":  # oneDNN's CPU convolutions (depthwise above all) run faster channels-last
+            self.trunk.to(memory_format=torch.channels_last)
         self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
+        if self.family != "vit":
+            x = x.contiguous(memory_format=torch.channels_last)
         if self.family == "mobilenet_v2":
             return self.trunk.features(x)
         if self.family == "resnet":
@@ -48,7 +69,7 @@ class Segmenter(nn.Module):
             x = t.maxpool(t.relu(t.bn1(t.conv1(x))))
             return t.layer4(t.layer3(t.layer2(t.layer1(x))))
         tokens = self.trunk.forward_features(x)[:, self.trunk.num_prefix_tokens:]
-        h, w = x.shape[2] // self.patch, x.shape[3] // self.patch
+        h, w = x.shape[2] // self.stride, x.shape[3] // self.stride
         return tokens.transpose(1, 2).reshape(x.shape[0], -1, h, w)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -56,18 +77,39 @@ class Segmenter(nn.Module):
         return F.interpolate(self.head(self.features(x)), size=x.shape[-2:], mode="bilinear", align_corners=False)
 
     @torch.inference_mode()
-    def predict(self, rgb: np.ndarray, short_side: int) -> np.ndarray:
-        """Class ids (H, W) of one uint8 RGB image, inferred with its short side at `short_side`; the
-        logits are averaged with those of the mirrored image (a cheap, standard test-time augmentation)."""
+    def view_features(self, rgb: np.ndarray, inference: Inference) -> list[torch.Tensor]:
+        """Trunk features (C, h, w) of one uint8 RGB image at each scale of `inference`, each followed by
+        its mirror image's (not mirrored back). Views are multiples of the stride, so that feature cell
+        (i, j) covers pixels [i * stride, (i + 1) * stride) of the view."""
         height, width = rgb.shape[:2]
-        scale = short_side / min(height, width)
-        size = [max(self.patch, round(d * scale / self.patch) * self.patch) for d in (height, width)]
         device = self.mean.device
-        x = torch.from_numpy(rgb).permute(2, 0, 1)[None].to(device).float() / 255
-        x = (F.interpolate(x, size=size, mode="bilinear", align_corners=False, antialias=True) - self.mean) / self.std
-        logits = self(x) + self(x.flip(-1)).flip(-1)
-        logits = F.interpolate(logits.float(), size=(height, width), mode="bilinear", align_corners=False)
-        return logits.argmax(1)[0].to(torch.uint8).cpu().numpy()
+        x = torch.from_numpy(np.ascontiguousarray(rgb)).permute(2, 0, 1)[None].to(device).float() / 255
+        views = []
+        for scale in inference.scales:
+            factor = inference.short_side * scale / min(height, width)
+            size = [max(self.stride, round(d * factor / self.stride) * self.stride) for d in (height, width)]
+            view = (F.interpolate(x, size=size, mode="bilinear", align_corners=False, antialias=True) - self.mean) / self.std
+            views += [self.features(view)[0], self.features(view.flip(-1))[0]]
+        return views
+
+    @torch.inference_mode()
+    def scores(self, views: list[torch.Tensor], size: tuple[int, int]) -> torch.Tensor:
+        """Class probabilities (classes, H, W) at the photo's `size`: the mean over `view_features`' views."""
+        total = 0
+        for index, features in enumerate(views):
+            logits = self.head(features[None].to(self.mean.device, self.mean.dtype))
+            logits = logits.flip(-1) if index % 2 else logits
+            total = total + F.interpolate(logits, size=size, mode="bilinear", align_corners=False).softmax(1)[0]
+        return total / len(views)
+
+    def predict(self, rgb: np.ndarray, inference: Inference, views: list[torch.Tensor] | None = None
+                ) -> tuple[np.ndarray, np.ndarray]:
+        """(class ids, confidence) (H, W) of one uint8 RGB image: the uint8 id of the highest refined
+        probability, and that probability (float32). `views` are its `view_features` when known."""
+        views = self.view_features(rgb, inference) if views is None else views
+        probabilities = self.scores(views, rgb.shape[:2]).permute(1, 2, 0).cpu().numpy()
+        refined = refine_scores(rgb, probabilities, inference.refine)
+        return refined.argmax(-1).astype(np.uint8), refined.max(-1)
 
 
 def rng_state() -> dict:
@@ -112,6 +154,7 @@ def load_checkpoint(path: Path, num_classes: int | None = None, backbone: str | 
 
 
 def segmenter_from_checkpoint(path: Path, device: torch.device) -> tuple[Segmenter, dict]:
+    """The network of a checkpoint, ready to predict, and the checkpoint (its `inference` says how)."""
     payload = load_checkpoint(path)
     # The trunk's weights come from the checkpoint, so build it untrained rather than from a file.
     backbone = dataclasses.replace(BackboneParams(**payload["backbone"]), weights="random")

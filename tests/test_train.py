@@ -16,8 +16,9 @@ from pipeline import distributed, runner
 from pipeline.artifacts import read_json
 from pipeline.backbones import BackboneParams
 from pipeline.errors import ConfigError, InputError
-from pipeline.images import write_label_png
-from pipeline.segmenter import Segmenter, load_checkpoint, save_checkpoint, segmenter_from_checkpoint
+from pipeline.images import read_label_png, write_label_png
+from pipeline.refine import RefineParams
+from pipeline.segmenter import Inference, Segmenter, load_checkpoint, save_checkpoint, segmenter_from_checkpoint
 from commands.predict import predict_folder
 from tests.conftest import ROOT, quiet, tiny_config
 
@@ -56,7 +57,7 @@ def test_training_lowers_the_loss_and_self_training_adds_a_round(images, tmp_pat
     assert len(balanced) == 2 and "pseudo_masks" in str(balanced[0][0])  # each round balanced on its own targets,
     assert "round1_masks" in str(balanced[1][0])  # round 2 on round 1's predictions
     torch.manual_seed(tiny_config().seed + 2)  # round 2 starts from a new network, not from round 1's
-    fresh = Segmenter(BackboneParams("vit_tiny_random"), 4).parameters()
+    fresh = Segmenter(BackboneParams("vit_tiny_random"), 4).head.parameters()  # on the CPU the trunk stays frozen
     assert len(initial) == 2 and all(torch.equal(a, b) for a, b in zip(initial[1], fresh, strict=True))
     log = _log(_entry(tmp_path / "wd", keys))
     assert [(r["round"], r["epoch"]) for r in log] == [(1, e) for e in range(1, 9)] + [(2, e) for e in range(1, 9)]
@@ -64,7 +65,7 @@ def test_training_lowers_the_loss_and_self_training_adds_a_round(images, tmp_pat
     assert first_round[-1] < first_round[0] * 0.8
     entry = _entry(tmp_path / "wd", keys)
     assert {p.name for p in entry.iterdir()} >= {"latest.pt", "best.pt", "masks", "items.json", "train_log.csv"}
-    assert load_checkpoint(entry / "latest.pt")["predict_size"] == 80  # the mean of the rescale range, 32-128
+    assert load_checkpoint(entry / "latest.pt")["inference"]["short_side"] == 80  # the mean of the rescale range, 32-128
     assert not (tmp_path / "wd" / "cache" / "train" / f"{keys['train']}.work").exists()
     with Image.open(entry / "masks" / "shape_0000.png") as mask:
         assert mask.size == (160, 120) and set(np.unique(np.asarray(mask))) <= {0, 1, 2, 3}
@@ -72,8 +73,7 @@ def test_training_lowers_the_loss_and_self_training_adds_a_round(images, tmp_pat
 
 def test_checkpoint_round_trip_gives_the_same_predictions(tmp_path):
     model = Segmenter(BackboneParams("vit_tiny_random"), 4).eval()
-    save_checkpoint(tmp_path / "c.pt", model, {"backbone": {"name": "vit_tiny_random", "weights": ""}, "num_classes": 4,
-                                              "predict_size": 64})
+    save_checkpoint(tmp_path / "c.pt", model, {"backbone": {"name": "vit_tiny_random", "weights": ""}, "num_classes": 4})
     loaded, payload = segmenter_from_checkpoint(tmp_path / "c.pt", torch.device("cpu"))
     x = torch.randn(2, 3, 64, 48)
     with torch.inference_mode():
@@ -96,8 +96,9 @@ def test_checkpoints_that_do_not_fit_are_named(tmp_path):
         load_checkpoint(tmp_path / "text.pt")
 
 
-def test_interrupted_training_resumes_from_its_last_checkpoint(images, tmp_path, monkeypatch):
-    uninterrupted = _train(images, tmp_path / "clean", "train.epochs=4")
+@pytest.mark.parametrize("trunk", ["frozen", "finetune"])
+def test_interrupted_training_resumes_from_its_last_checkpoint(images, tmp_path, monkeypatch, trunk):
+    uninterrupted = _train(images, tmp_path / "clean", "train.epochs=4", f"train.trunk={trunk}")
     real_save, saved = stages.train.save_checkpoint, []
 
     def save_then_die(path, *args, **kwargs):
@@ -108,9 +109,9 @@ def test_interrupted_training_resumes_from_its_last_checkpoint(images, tmp_path,
 
     monkeypatch.setattr(stages.train, "save_checkpoint", save_then_die)
     with pytest.raises(KeyboardInterrupt):
-        _train(images, tmp_path / "wd", "train.epochs=4")
+        _train(images, tmp_path / "wd", "train.epochs=4", f"train.trunk={trunk}")
     monkeypatch.setattr(stages.train, "save_checkpoint", real_save)
-    resumed = _train(images, tmp_path / "wd", "train.epochs=4")
+    resumed = _train(images, tmp_path / "wd", "train.epochs=4", f"train.trunk={trunk}")
     clean_log, resumed_log = _log(_entry(tmp_path / "clean", uninterrupted)), _log(_entry(tmp_path / "wd", resumed))
     assert [r["epoch"] for r in resumed_log] == [1, 2, 3, 4]
     np.testing.assert_allclose([r["loss"] for r in resumed_log], [r["loss"] for r in clean_log], rtol=1e-4)
@@ -118,6 +119,45 @@ def test_interrupted_training_resumes_from_its_last_checkpoint(images, tmp_path,
     b = torch.load(_entry(tmp_path / "wd", resumed) / "latest.pt", weights_only=True)
     assert a["model"].keys() == b["model"].keys()
     assert all(torch.equal(a["model"][name], b["model"][name]) for name in a["model"])  # on the CPU: bit for bit
+
+
+def test_the_frozen_trunk_stays_as_loaded_and_predict_segments_as_training_did(images, tmp_path):
+    options = ("train.rounds=2", "train.epochs=2", "train.scales=[0.75, 1.0]", "train.refine.method=guided")
+    entry = _entry(tmp_path / "wd", _train(images, tmp_path / "wd", *options))
+    payload = load_checkpoint(entry / "latest.pt")
+    assert payload["config"]["trunk"] == "frozen"  # auto, on the CPU
+    torch.manual_seed(tiny_config().seed)  # the random test trunk the features were computed with
+    loaded = Segmenter(BackboneParams("vit_tiny_random"), 4).trunk.state_dict()
+    assert all(torch.equal(payload["model"][f"trunk.{name}"], value) for name, value in loaded.items())
+    assert Inference.from_dict(payload["inference"]) == Inference(80, (0.75, 1.0), RefineParams("guided"))
+    predict_folder(entry / "latest.pt", images, tmp_path / "out", torch.device("cpu"))
+    predict_folder(entry / "latest.pt", images, tmp_path / "plain", torch.device("cpu"), inference=Inference(80))
+    agree = {"out": [], "plain": []}
+    for mask in sorted((entry / "masks").glob("*.png")):
+        for name in agree:
+            agree[name].append(np.mean(read_label_png(mask) == read_label_png(tmp_path / name / "masks" / mask.name)))
+    # The same options (features cached in float16 for training's own predictions, float32 in predict)
+    assert np.mean(agree["out"]) > 0.995 and np.mean(agree["out"]) > np.mean(agree["plain"])
+
+
+def test_targets_ignore_the_border_band_and_unconfident_pixels(tmp_path):
+    labels = np.zeros((6, 10), np.uint8)
+    labels[:, 5:] = 3
+    write_label_png(tmp_path / "labels.png", labels)
+    confidence = np.full((6, 10), 200, np.uint8)
+    confidence[0] = 127  # below 0.5 x 255
+    write_label_png(tmp_path / "confidence.png", confidence)
+    banded = stages.train.Target(tmp_path / "labels.png", border=2).read()
+    assert (banded[:, 3:7] == 255).all() and (banded[:, :3] == 0).all() and (banded[:, 7:] == 3).all()
+    confident = stages.train.Target(tmp_path / "labels.png", tmp_path / "confidence.png", 0.5).read()
+    assert (confident[0] == 255).all() and np.array_equal(confident[1:], labels[1:])
+
+
+def test_the_trunk_mode_the_device_resolves_to_is_the_cache_key():
+    frozen = stages.train.key_params(tiny_config())
+    assert frozen["trunk"] == "frozen" and frozen == stages.train.key_params(tiny_config("train.trunk=frozen"))
+    finetune = stages.train.key_params(tiny_config("train.trunk=finetune", "train.epochs=0", "train.lr=0"))
+    assert (finetune["epochs"], finetune["lr"]) == (stages.train.RECIPES["finetune"]["epochs"], 6e-5)
 
 
 def _pseudo_entry(images, workdir):
@@ -304,7 +344,7 @@ def test_class_weights_balance_the_clusters_and_leave_background_at_one(tmp_path
     for i, counts in enumerate([(60, 36, 4), (100, 0, 0)]):  # background, cluster 1, cluster 2 pixels per mask
         labels = np.concatenate([np.full(n, value, np.uint8) for value, n in enumerate(counts)] + [np.full(10, 255, np.uint8)])
         write_label_png(tmp_path / f"{i}.png", labels.reshape(1, -1))
-        masks.append(tmp_path / f"{i}.png")
+        masks.append(stages.train.Target(tmp_path / f"{i}.png"))
     ctx = type("Ctx", (), {"progress": staticmethod(lambda items, desc: items)})()
     weights = stages.train.class_weights(masks, 4, 0.5, ctx)
     assert weights[0] == 1 and weights[3] == 0  # background as is; cluster 3 never occurs
