@@ -1,0 +1,131 @@
+"""The segmenter on photos it never saw: train on one part of a labelled folder, segment the other, score.
+
+  python3 benchmarks/segmenter_holdout.py --train $V/train --val $V/val --workdir WD --seeds 0 1 2 \
+      [--arm NAME "OVERRIDES"]... -- COMMON_OVERRIDES...
+
+$V/train and $V/val each hold images/ and labels/. For each seed and arm, the pipeline runs up to
+`train` on train/images (labels are never read there); each round's checkpoint then segments
+val/images, and the masks are scored against val/labels with the Hungarian matching computed on the val
+photos alone, as an outside judge would. The pseudo masks are scored on the train photos they were made
+for (the bar the segmenter must clear). Each checkpoint is scored with its own inference options and
+with each test-time option alone (flip only, multi-scale, refined, both). Frozen-trunk features do not
+depend on the arm or seed, so one process computes them once (training's, through `cached_views`, and
+the val photos'). Prints one JSON line per (seed, arm, round), then means and spreads over seeds.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import stages.train  # noqa: E402
+from pipeline import runner  # noqa: E402
+from pipeline.config import load_config  # noqa: E402
+from pipeline.images import load_rgb, read_label_png, scan_images  # noqa: E402
+from pipeline.refine import RefineParams  # noqa: E402
+from pipeline.segmenter import Inference, segmenter_from_checkpoint  # noqa: E402
+from commands.evaluate import VOC_CLASSES, accumulate, evaluate_workdir, label_files, scores  # noqa: E402
+
+MULTI_SCALE = (0.75, 1.0, 1.25)
+
+
+def hungarian_miou(pairs, num_predicted: int, num_classes: int = VOC_CLASSES) -> float:
+    """Hungarian mIoU of (predicted, truth) label arrays, the matching computed on these photos alone."""
+    confusion = np.zeros((256, 256), np.int64)
+    for predicted, truth in pairs:
+        accumulate(confusion, predicted, truth)
+    return scores(confusion, num_predicted, num_classes)["hungarian"]["miou"]
+
+
+def variants(own: Inference) -> dict[str, Inference]:
+    """The checkpoint's own inference, and each test-time option on its own."""
+    plain = dataclasses.replace(own, scales=(1.0,), refine=RefineParams())
+    return {"own": own, "flip": plain, "multiscale": dataclasses.replace(plain, scales=MULTI_SCALE),
+            "refined": dataclasses.replace(plain, refine=RefineParams("guided")),
+            "multiscale+refined": dataclasses.replace(plain, scales=MULTI_SCALE, refine=RefineParams("guided"))}
+
+
+def memoised_views():
+    """stages.train.cached_views computed once per (images, trunk, views) in this process."""
+    real, memo = stages.train.cached_views, {}
+
+    def cached(job):
+        key = (tuple(job.images), job.params.backbone, job.params.weights, job.params.inference.short_side,
+               job.params.scales)
+        if key not in memo:
+            started = time.perf_counter()
+            memo[key] = real(job)
+            print(json.dumps({"trunk_features_seconds": round(time.perf_counter() - started, 1)}), flush=True)
+        return memo[key]
+    return cached
+
+
+def score_checkpoint(checkpoint: Path, val: Path, val_views: dict) -> dict:
+    model, payload = segmenter_from_checkpoint(checkpoint, torch.device("cpu"))
+    records = scan_images(val / "images")[0]
+    labels = label_files(val / "labels", [r.rel for r in records])
+    row = {}
+    for name, inference in variants(Inference.from_dict(payload["inference"])).items():
+        started, pairs = time.perf_counter(), []
+        for record in records:
+            rgb = load_rgb(record.path)
+            views = None
+            if payload["config"]["trunk"] == "frozen":  # the trunk is the one val_views were made with
+                every = val_views.setdefault((record.rel, inference.short_side), model.view_features(
+                    rgb, dataclasses.replace(inference, scales=MULTI_SCALE)))
+                views = [v for s, pair in zip(MULTI_SCALE, zip(every[::2], every[1::2])) if s in inference.scales
+                         for v in pair]
+            predicted, _ = model.predict(rgb, inference, views)
+            pairs.append((predicted, read_label_png(labels[record.rel])))
+        row[name] = round(hungarian_miou(pairs, payload["num_classes"]), 4)
+        row[f"{name}_s"] = round(time.perf_counter() - started, 1)
+    return row
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--train", type=Path, required=True)
+    parser.add_argument("--val", type=Path, required=True)
+    parser.add_argument("--workdir", type=Path, required=True)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--arm", nargs=2, action="append", metavar=("NAME", "OVERRIDES"), default=[])
+    parser.add_argument("overrides", nargs="*")
+    args = parser.parse_args(argv)
+    stages.train.cached_views = memoised_views()
+    val_views, results = {}, []
+    for seed in args.seeds:
+        for arm, extra in args.arm or [("default", "")]:
+            cfg = load_config(overrides=[*args.overrides, *extra.split(), f"seed={seed}"])
+            started = time.perf_counter()
+            keys = runner.run(cfg, args.train / "images", args.workdir, log=lambda *a, **k: None)
+            seconds = time.perf_counter() - started
+            pseudo = evaluate_workdir(args.workdir, args.train / "labels", source="pseudo_masks")["miou"]
+            entry = args.workdir / "cache" / "train" / keys["train"]
+            for checkpoint in sorted(entry.glob("round*.pt")) + [entry / "latest.pt"]:
+                log = torch.load(checkpoint, weights_only=True)["log"]
+                row = {"seed": seed, "arm": arm, "checkpoint": checkpoint.name, "pseudo_masks_on_train": round(pseudo, 4),
+                       "run_s": round(seconds, 1), "epochs_s": round(sum(r["seconds"] for r in log), 1),
+                       **score_checkpoint(checkpoint, args.val, val_views)}
+                print(json.dumps(row), flush=True)
+                results.append(row)
+    for arm in dict.fromkeys(r["arm"] for r in results):
+        for checkpoint in dict.fromkeys(r["checkpoint"] for r in results if r["arm"] == arm):
+            rows = [r for r in results if r["arm"] == arm and r["checkpoint"] == checkpoint]
+            summary = {name: f"{statistics.mean(r[name] for r in rows):.4f} "
+                             f"(spread {max(r[name] for r in rows) - min(r[name] for r in rows):.4f})"
+                       for name in rows[0] if isinstance(rows[0][name], float) and not name.endswith("_s")}
+            print(json.dumps({"arm": arm, "checkpoint": checkpoint, "seeds": [r["seed"] for r in rows], **summary}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
