@@ -29,7 +29,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import stages.train  # noqa: E402
 from pipeline import runner  # noqa: E402
-from pipeline.config import load_config  # noqa: E402
+from pipeline.runner import load_config  # noqa: E402
+
 from pipeline.images import load_rgb, read_label_png, scan_images  # noqa: E402
 from pipeline.refine import RefineParams  # noqa: E402
 from pipeline.segmenter import Inference, segmenter_from_checkpoint  # noqa: E402
@@ -46,12 +47,15 @@ def hungarian_miou(pairs, num_predicted: int, num_classes: int = VOC_CLASSES) ->
     return scores(confusion, num_predicted, num_classes)["hungarian"]["miou"]
 
 
-def variants(own: Inference) -> dict[str, Inference]:
-    """The checkpoint's own inference, and each test-time option on its own."""
+def variants(own: Inference, every: bool) -> dict[str, Inference]:
+    """The checkpoint's own inference; the plain one (one scale and its mirror, not refined); with
+    `every`, also multi-scale and refined alone."""
     plain = dataclasses.replace(own, scales=(1.0,), refine=RefineParams())
-    return {"own": own, "flip": plain, "multiscale": dataclasses.replace(plain, scales=MULTI_SCALE),
-            "refined": dataclasses.replace(plain, refine=RefineParams("guided")),
-            "multiscale+refined": dataclasses.replace(plain, scales=MULTI_SCALE, refine=RefineParams("guided"))}
+    chosen = {"own": own, "flip": plain}
+    if every:
+        chosen.update({"multiscale": dataclasses.replace(plain, scales=MULTI_SCALE),
+                       "refined": dataclasses.replace(plain, refine=RefineParams("guided"))})
+    return {name: inference for name, inference in chosen.items() if name == "own" or inference != own}
 
 
 def memoised_views():
@@ -64,26 +68,27 @@ def memoised_views():
         if key not in memo:
             started = time.perf_counter()
             memo[key] = real(job)
-            print(json.dumps({"trunk_features_seconds": round(time.perf_counter() - started, 1)}), flush=True)
+            print(json.dumps({"trunk_features_s": round(time.perf_counter() - started, 1)}), flush=True)
         return memo[key]
     return cached
 
 
-def score_checkpoint(checkpoint: Path, val: Path, val_views: dict) -> dict:
+def score_checkpoint(checkpoint: Path, val: Path, val_views: dict, every: bool) -> dict:
     model, payload = segmenter_from_checkpoint(checkpoint, torch.device("cpu"))
     records = scan_images(val / "images")[0]
     labels = label_files(val / "labels", [r.rel for r in records])
     row = {}
-    for name, inference in variants(Inference.from_dict(payload["inference"])).items():
+    for name, inference in variants(Inference.from_dict(payload["inference"]), every).items():
         started, pairs = time.perf_counter(), []
         for record in records:
             rgb = load_rgb(record.path)
             views = None
             if payload["config"]["trunk"] == "frozen":  # the trunk is the one val_views were made with
-                every = val_views.setdefault((record.rel, inference.short_side), model.view_features(
-                    rgb, dataclasses.replace(inference, scales=MULTI_SCALE)))
-                views = [v for s, pair in zip(MULTI_SCALE, zip(every[::2], every[1::2])) if s in inference.scales
-                         for v in pair]
+                key = (record.rel, inference.short_side)
+                if key not in val_views:
+                    val_views[key] = model.view_features(rgb, dataclasses.replace(inference, scales=MULTI_SCALE))
+                pairs_of = zip(val_views[key][::2], val_views[key][1::2])  # (view, its mirror) per scale
+                views = [v for scale, pair in zip(MULTI_SCALE, pairs_of) if scale in inference.scales for v in pair]
             predicted, _ = model.predict(rgb, inference, views)
             pairs.append((predicted, read_label_png(labels[record.rel])))
         row[name] = round(hungarian_miou(pairs, payload["num_classes"]), 4)
@@ -114,7 +119,7 @@ def main(argv=None) -> int:
                 log = torch.load(checkpoint, weights_only=True)["log"]
                 row = {"seed": seed, "arm": arm, "checkpoint": checkpoint.name, "pseudo_masks_on_train": round(pseudo, 4),
                        "run_s": round(seconds, 1), "epochs_s": round(sum(r["seconds"] for r in log), 1),
-                       **score_checkpoint(checkpoint, args.val, val_views)}
+                       **score_checkpoint(checkpoint, args.val, val_views, every=checkpoint.name == "round1.pt")}
                 print(json.dumps(row), flush=True)
                 results.append(row)
     for arm in dict.fromkeys(r["arm"] for r in results):

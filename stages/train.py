@@ -60,7 +60,7 @@ MIN_BATCH = 2  # BatchNorm in training needs 2 samples per channel (the head's i
 TrunkMode = Literal["auto", "frozen", "finetune"]
 # What epochs, lr, crop_size and base_size left at 0 mean, per trunk mode (README: "The segmenter")
 RECIPES = {"finetune": {"epochs": 10, "lr": 6e-5, "crop_size": 512, "base_size": 520},
-           "frozen": {"epochs": 15, "lr": 1e-3, "crop_size": 256, "base_size": 320}}
+           "frozen": {"epochs": 12, "lr": 1e-3, "crop_size": 256, "base_size": 320}}
 
 
 @dataclasses.dataclass(frozen=True)
