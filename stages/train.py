@@ -259,9 +259,8 @@ def train_one_epoch(net: nn.Module, criterion, optimizer, scaler, batches) -> fl
     device = next(net.parameters()).device
     net.train()
     total = torch.zeros(2, device=device)
-    for inputs, target in batches:
-        loss = train_step(net, criterion, optimizer, scaler, inputs.to(device, non_blocking=True),
-                          target.to(device, non_blocking=True))
+    for batch in batches:
+        loss = train_step(net, criterion, optimizer, scaler, [t.to(device, non_blocking=True) for t in batch])
         total += torch.stack([loss.detach().float(), torch.ones((), device=device)])
         if hasattr(batches, "set_postfix"):
             batches.set_postfix(loss=f"{loss.item():.3f}")
@@ -283,10 +282,11 @@ class BalancedCrossEntropy(nn.Module):
         return total / self.weight[target[target != IGNORE]].sum().clamp(min=1e-12)
 
 
-def train_step(net, criterion, optimizer, scaler, image, mask) -> torch.Tensor:
-    """One update on a batch: float16 autocast and the GradScaler on CUDA, plain float32 on the CPU."""
-    with autocast(image.device):
-        loss = criterion(net(image), mask)
+def train_step(net, criterion, optimizer, scaler, batch) -> torch.Tensor:
+    """One update on a batch (inputs, targets): float16 autocast and the GradScaler on CUDA, plain float32 on the CPU."""
+    inputs, target = batch
+    with autocast(inputs.device):
+        loss = criterion(net(inputs), target)
     optimizer.zero_grad(set_to_none=True)
     scaler.scale(loss).backward()
     scaler.step(optimizer)

@@ -305,8 +305,8 @@ def test_every_step_trains_on_a_full_batch_whatever_the_folder_size(images, tmp_
     for extra in sorted(images.iterdir())[kept:]:
         extra.unlink()
     batches, real_step = [], stages.train.train_step
-    monkeypatch.setattr(stages.train, "train_step", lambda net, loss, opt, scaler, image, mask:
-                        batches.append(len(image)) or real_step(net, loss, opt, scaler, image, mask))
+    monkeypatch.setattr(stages.train, "train_step", lambda net, loss, opt, scaler, batch:
+                        batches.append(len(batch[0])) or real_step(net, loss, opt, scaler, batch))
     keys = _train(images, tmp_path / "wd", "train.epochs=2", *(["cluster.k=1"] if kept == 1 else []))
     assert batches == [4, 4]  # one step of 4 per epoch: fewer images are repeated to fill it, a fifth one dropped
     assert read_json(_entry(tmp_path / "wd", keys) / "manifest.json")["counts"]["images"] == kept
