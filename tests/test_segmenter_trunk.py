@@ -43,7 +43,7 @@ def test_one_training_step_of_the_default_trunk_changes_its_weights(resnet_check
     image = torch.randn(2, 3, 64, 64)
     mask = torch.randint(0, 3, (2, 64, 64))
     mask[:, :8] = 255
-    loss = train_step(net, torch.nn.CrossEntropyLoss(ignore_index=255), optimizer, scaler, image, mask)
+    loss = train_step(net, torch.nn.CrossEntropyLoss(ignore_index=255), optimizer, scaler, (image, mask))
     assert torch.isfinite(loss)
     changed = [k for k, v in net.state_dict().items() if v.dtype.is_floating_point and not torch.equal(v, before[k])]
     assert any(k.startswith("trunk.layer4") for k in changed) and any(k.startswith("head.") for k in changed)
