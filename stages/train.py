@@ -55,7 +55,8 @@ VERSION = 10  # 2: MobileNetV2 dilated to output stride 16; 3: 320-channel Mobil
 # 8: every round balanced on its own targets; 9: a dataset smaller than the batch is repeated to fill it
 # (a batch of one sample crashed BatchNorm), so every step sees batch_size samples;
 # 10: trunk modes (frozen on the CPU by default), multi-scale views, refined predictions, confident-only
-# self-training targets and a border ignore band: predictions average softmax scores, not logits
+# self-training targets and a border ignore band: predictions average softmax scores, not logits; rounds=2,
+# confidence 0.5 and guided refinement by default (held-out VOC: round 2 +1.7 points over round 1, 3 seeds)
 MIN_BATCH = 2  # BatchNorm in training needs 2 samples per channel (the head's image-pooling branch is 1x1)
 TrunkMode = Literal["auto", "frozen", "finetune"]
 # What epochs, lr, crop_size and base_size left at 0 mean, per trunk mode (README: "The segmenter")
@@ -68,7 +69,7 @@ class Params:
     backbone: BackboneName = "dino_resnet50"  # the trunk: self-supervised like the rest; ResNets are dilated to output stride 8
     weights: str = ""  # trunk weights: a file, "" = torch.hub's cache, "random" = untrained, by request only
     trunk: TrunkMode = "auto"  # frozen: only the head trains, on features computed once; auto: frozen on the CPU
-    rounds: int = 1  # 1 = learn the pseudo masks; each further round learns the previous round's confident predictions
+    rounds: int = 2  # 1 = learn the pseudo masks; each further round learns the previous round's confident predictions
     epochs: int = 0  # per round; 0 = the trunk mode's recipe (RECIPES)
     batch_size: int = 8  # global: split over the processes under torchrun; a smaller dataset is repeated to fill it
     lr: float = 0.0  # initial, decays as (1 - epoch / epochs) ** 0.9 (DeepLab's poly schedule); 0 = the recipe's
@@ -77,8 +78,8 @@ class Params:
     crop_size: int = 0  # training crops (pixels); 0 = the recipe's
     base_size: int = 0  # finetune rescales the short side to [0.5, 2] x base_size; predictions use predict_size; 0 = the recipe's
     scales: tuple[float, ...] = (1.0,)  # inference views, as multiples of predict_size, each with its mirror image
-    refine: RefineParams = RefineParams()  # predictions' scores refined along the photo's colour edges
-    confidence: float = 0.0  # self-training targets ignore pixels predicted with a lower probability
+    refine: RefineParams = RefineParams("guided")  # predictions' scores refined along the photo's colour edges
+    confidence: float = 0.5  # self-training targets ignore pixels predicted with a lower probability
     border: int = 0  # round 1 ignores pseudo-mask pixels within this many pixels of another label
 
     def __post_init__(self):

@@ -17,7 +17,7 @@ ISNET = SHARED / "models" / "isnet_fp16.onnx"
 
 TINY = ("backbone.name=vit_tiny_random", "workers=0", "cluster.k=3", "cluster.nredo=2", "cluster.niter=20",
         "saliency.input_size=112", "train.backbone=vit_tiny_random", "train.epochs=1", "train.crop_size=64",
-        "train.base_size=64", "train.batch_size=4", "train.lr=0.001")
+        "train.base_size=64", "train.batch_size=4", "train.lr=0.001", "train.rounds=1")
 
 
 @pytest.fixture(autouse=True)

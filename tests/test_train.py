@@ -222,7 +222,9 @@ def test_evaluate_the_segmenter(shapes_dir, images, tmp_path):
 def test_torchrun_ddp_matches_a_single_process_with_the_same_global_batch(images, tmp_path):
     for i in range(10):  # 20 images: two steps of 8 per epoch, 4 per process
         shutil.copy(images / f"shape_{i:04d}.jpg", images / f"copy_{i:04d}.jpg")
-    base = ["--images", str(images), *tiny_config_args("train.epochs=3", "train.batch_size=8")]
+    # the recipe DDP is for (GPUs); frozen-trunk DDP gives equal weights over ranks too, but with the head's
+    # BatchNorm alone seeing half batches its loss curve strays further (13% at epoch 3 here)
+    base = ["--images", str(images), *tiny_config_args("train.epochs=3", "train.batch_size=8", "train.trunk=finetune")]
     _cli = [sys.executable, str(ROOT / "run_pipeline.py")]
     assert subprocess.run([*_cli, "stage", "pseudo_masks", "--only", "--workdir", str(tmp_path / "one"), *base],
                           cwd=ROOT, capture_output=True).returncode == 0
