@@ -44,7 +44,8 @@ def workdir_lock(workdir: Path):
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            holder = path.read_text().strip() or "another process"
+            # read through our own descriptor: the holder may already have unlinked the file (remove_if_unused)
+            holder = os.pread(fd, 4096, 0).decode(errors="replace").strip() or "another process"
             raise WorkdirBusyError(f"{workdir} is in use by {holder}; wait for it to finish or use another --workdir") from None
         left = os.read(fd, 4096).decode(errors="replace").strip()
         if left:

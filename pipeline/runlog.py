@@ -68,13 +68,15 @@ def remove_if_unused(workdir: Path) -> None:
     """Remove a workdir that a rejected command made (a check failed before any work): when all it holds is
     that command's log and the workdir lock, it is removed; anything else there keeps it all."""
     workdir = Path(workdir)
+    if not workdir.is_dir():  # another rank of the same rejected torchrun command removed it already
+        return
     files = [p for p in workdir.rglob("*") if not p.is_dir()]
     logs = [p for p in files if p.parent == workdir / "logs" and p.suffix == ".log"]
     if len(logs) > 1 or any(p not in logs and p != workdir / LOCK for p in files):
         return
     try:
         with workdir_lock(workdir):  # a command that started in it meanwhile holds the lock: then it all stays
-            for path in files:
+            for path in {*files, workdir / LOCK}:
                 path.unlink(missing_ok=True)
     except WorkdirBusyError:
         return

@@ -150,6 +150,23 @@ def test_a_second_writer_on_the_same_workdir_is_refused_and_a_dead_holders_lock_
             os.kill(child, signal.SIGKILL)
 
 
+def test_a_holder_that_removes_the_lock_file_meanwhile_still_gives_a_busy_error(tmp_path, monkeypatch):
+    # Two torchrun ranks rejected at once both tidy their fresh workdir: one holds the lock and unlinks
+    # the file after the other opened it, but before the other's flock fails (CI saw a FileNotFoundError).
+    from pipeline import lock
+
+    (tmp_path / "lock").write_text("pid 1 (run_pipeline.py run, since 02:44:35)")
+
+    def flock_held_then_unlinked(fd, operation):
+        (tmp_path / "lock").unlink()
+        raise BlockingIOError(11, "Resource temporarily unavailable")
+
+    monkeypatch.setattr(lock.fcntl, "flock", flock_held_then_unlinked)
+    with pytest.raises(WorkdirBusyError, match=r"in use by pid 1 \(run_pipeline.py run"):
+        with workdir_lock(tmp_path):
+            pass
+
+
 def test_the_runner_holds_the_workdir_lock(images, tmp_path):
     with workdir_lock(tmp_path / "wd"):
         with pytest.raises(WorkdirBusyError):
