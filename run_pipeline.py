@@ -221,7 +221,8 @@ def _command(args) -> int:
 
             summary = predict_folder(args.checkpoint, args.images, args.out, runner.resolve_device(args.device),
                                      args.workers, args.strict)
-            print(f"predicted {summary['computed']} images ({summary['images']} in all) into {args.out}")
+            if torchrun.rank() == 0:
+                print(f"predicted {summary['computed']} images ({summary['images']} in all) into {args.out}")
         elif args.command == "demo":
             from commands.demo import run_demo
 

@@ -15,6 +15,7 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
+from pipeline import distributed
 from pipeline.artifacts import atomic_write, file_sha256, read_json, write_json
 from pipeline.errors import InputError
 from pipeline.images import decoded, is_image_problem, label_palette, scan_images, write_label_png
@@ -25,8 +26,48 @@ PALETTE = np.array(label_palette(), dtype=np.uint8).reshape(256, 3)
 
 def predict_folder(checkpoint: Path, images_dir: Path, out: Path, device, workers: int = 0, strict: bool = False,
                    inference: Inference | None = None) -> dict:
-    """`inference` replaces the checkpoint's own (benchmarks measure test-time options with it)."""
+    """`inference` replaces the checkpoint's own (benchmarks measure test-time options with it). Under
+    torchrun each rank segments every world-th photo; rank 0 checks the arguments and writes predict.json."""
     checkpoint, out = Path(checkpoint), Path(out)
+    share = distributed.join(device)
+    try:
+        digest = distributed.from_rank_zero(lambda: _checked(checkpoint, out))
+        model, payload = segmenter_from_checkpoint(checkpoint, device)
+        inference = inference or Inference.from_dict(payload["inference"])
+        records, left_out = scan_images(images_dir)
+        for entry in left_out:  # as `run` reports them; they are listed in predict.json too
+            if strict and is_image_problem(entry):
+                raise InputError(f"{entry['image']}: {entry['reason']} (strict mode stops at the first bad image)")
+            if share.rank == 0:
+                tqdm.write(f"skipped {entry['image']}: {entry['reason']}", file=sys.stderr)
+        masks = [out / "masks" / f"{r.stem}.png" for r in records]
+        pending = [i for i, path in enumerate(masks) if share.holds(i) and not path.is_file()]
+        skipped = []
+        loader = decoded([records[i].path for i in pending], workers=workers)
+        for index, rgb, reason in tqdm(loader, desc="predict", total=len(pending), disable=None, leave=False):
+            record = records[pending[index]]
+            if rgb is None:
+                if strict:
+                    raise InputError(f"{record.path}: {reason}")
+                tqdm.write(f"skipped {record.rel}: {reason}", file=sys.stderr)
+                skipped.append({"image": record.rel, "reason": reason})
+                continue
+            labels, _ = model.predict(rgb, inference)
+            overlay = out / "overlays" / f"{record.stem}.jpg"
+            overlay.parent.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(blend(rgb, labels)).save(overlay, quality=90)
+            atomic_write(masks[pending[index]], lambda tmp: write_label_png(tmp, labels))  # last: marks the image done
+        shares = distributed.gathered_on_rank_zero({"computed": len(pending), "skipped": skipped})
+        summary = {"checkpoint": str(checkpoint.resolve()), "checkpoint_sha256": digest, "finished": True,
+                   "images": len(records), "computed": 0, "num_classes": payload["num_classes"], "skipped": [],
+                   "left_out": left_out}
+        return distributed.from_rank_zero(lambda: _summarised(summary, shares, out / "predict.json"))
+    finally:
+        distributed.leave()
+
+
+def _checked(checkpoint: Path, out: Path) -> str:
+    """The checkpoint's sha256, once it is known that `out` may take its predictions (marked unfinished)."""
     if not checkpoint.is_file():
         raise InputError(f"checkpoint not found: {checkpoint}")
     if out.exists() and not out.is_dir():
@@ -35,34 +76,15 @@ def predict_folder(checkpoint: Path, images_dir: Path, out: Path, device, worker
     summary_file = out / "predict.json"
     if summary_file.is_file() and read_json(summary_file).get("checkpoint_sha256") != digest:
         raise InputError(f"{out} holds predictions of another checkpoint; choose another --out")
-    model, payload = segmenter_from_checkpoint(checkpoint, device)
-    inference = inference or Inference.from_dict(payload["inference"])
-    records, left_out = scan_images(images_dir)
-    for entry in left_out:  # as `run` reports them; they are listed in predict.json too
-        if strict and is_image_problem(entry):
-            raise InputError(f"{entry['image']}: {entry['reason']} (strict mode stops at the first bad image)")
-        tqdm.write(f"skipped {entry['image']}: {entry['reason']}", file=sys.stderr)
-    masks = [out / "masks" / f"{r.stem}.png" for r in records]
-    pending = [i for i, path in enumerate(masks) if not path.is_file()]
     write_json(summary_file, {"checkpoint": str(checkpoint.resolve()), "checkpoint_sha256": digest, "finished": False})
-    skipped = []
-    loader = decoded([records[i].path for i in pending], workers=workers)
-    for index, rgb, reason in tqdm(loader, desc="predict", total=len(pending), disable=None, leave=False):
-        record = records[pending[index]]
-        if rgb is None:
-            if strict:
-                raise InputError(f"{record.path}: {reason}")
-            tqdm.write(f"skipped {record.rel}: {reason}", file=sys.stderr)
-            skipped.append({"image": record.rel, "reason": reason})
-            continue
-        labels, _ = model.predict(rgb, inference)
-        overlay = out / "overlays" / f"{record.stem}.jpg"
-        overlay.parent.mkdir(parents=True, exist_ok=True)
-        Image.fromarray(blend(rgb, labels)).save(overlay, quality=90)
-        atomic_write(masks[pending[index]], lambda tmp: write_label_png(tmp, labels))  # last: marks the image done
-    summary = {"checkpoint": str(checkpoint.resolve()), "checkpoint_sha256": digest, "finished": True,
-               "images": len(records) - len(skipped), "computed": len(pending) - len(skipped),
-               "num_classes": payload["num_classes"], "skipped": skipped, "left_out": left_out}
+    return digest
+
+
+def _summarised(summary: dict, shares: list[dict], summary_file: Path) -> dict:
+    """The summary with every rank's counts added in, written to predict.json."""
+    skipped = sorted((s for share in shares for s in share["skipped"]), key=lambda s: s["image"])
+    computed = sum(share["computed"] for share in shares) - len(skipped)
+    summary = {**summary, "images": summary["images"] - len(skipped), "computed": computed, "skipped": skipped}
     write_json(summary_file, summary)
     return summary
 

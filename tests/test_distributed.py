@@ -109,6 +109,19 @@ def test_two_processes_give_a_single_processs_bytes(twenty, tmp_path):
     assert _manifest(tmp_path / "two", "train")["counts"]["processes"] == 2  # training stays DDP
     # every stage but training is rank 0's entry, with the keys one process gives
     assert read_json(tmp_path / "two" / "state.json")["keys"] == read_json(tmp_path / "one" / "state.json")["keys"]
+    # predict shards the photos too: the same masks as one process, the bad photo skipped and reported once
+    checkpoint = Workdir(tmp_path / "one").latest_entry("train") / "latest.pt"
+    predicted = {}
+    for processes in (1, 2):
+        command = ["run_pipeline.py", "predict", "--checkpoint", str(checkpoint), "--images", str(twenty),
+                   "--out", str(tmp_path / f"predict{processes}")]
+        launcher = [*TORCHRUN, "--standalone", f"--nproc_per_node={processes}"] if processes > 1 else [sys.executable]
+        done = subprocess.run([*launcher, *command], cwd=ROOT, env=_env(), capture_output=True, text=True)
+        assert done.returncode == 0, done.stderr[-3000:]
+        assert done.stdout.count("predicted 20 images (20 in all)") == 1 and done.stderr.count("skipped garbage.jpg") == 1
+        predicted[processes] = {p.name: p.read_bytes() for p in sorted((tmp_path / f"predict{processes}" / "masks").glob("*"))}
+        assert read_json(tmp_path / f"predict{processes}" / "predict.json")["skipped"][0]["image"] == "garbage.jpg"
+    assert len(predicted[2]) == 20 and predicted[2] == predicted[1]
 
 
 def _rank_pids(launcher: int) -> dict[int, int]:
