@@ -236,9 +236,11 @@ def test_an_error_rank_zero_finds_before_any_work_stops_every_rank_and_is_printe
     failed = _torchrun(2, "run saliency.method=onnx", images, tmp_path / "wd")
     assert failed.returncode != 0
     assert failed.stderr.count("error: saliency.method=onnx needs saliency.model=") == 1, failed.stderr[-3000:]
-    # each rank ends with exit code 2, none with a traceback or an abort (torchrun itself reports the failure)
+    # No rank ends with a traceback or an abort. Rank 0 exits with 2; every other rank exits with 2 too or, when
+    # torchrun saw rank 0 end first, is stopped by its SIGTERM (CI saw both). Torchrun's summary, a block per rank:
     assert "[rank" not in failed.stderr and "terminate called" not in failed.stderr
-    assert len(re.findall(r"exitcode\s+:\s*2 \(pid", failed.stderr)) == 2  # torchrun's summary, a line per rank
+    assert re.search(r"rank\s+:\s*0 \(local_rank: 0\)\s+exitcode\s+:\s*2 \(pid", failed.stderr), failed.stderr[-3000:]
+    assert set(re.findall(r"exitcode\s+:\s*(-?\d+) \(pid", failed.stderr)) <= {"2", "-15"}, failed.stderr[-3000:]
 
 
 def test_the_device_is_in_the_keys_only_where_a_gpu_changes_the_bytes(tmp_path):
