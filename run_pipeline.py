@@ -17,6 +17,7 @@ import argparse
 import errno
 import json
 import sys
+import time
 from pathlib import Path
 
 from pipeline.errors import PipelineError, StoppedWithRankZero
@@ -24,6 +25,9 @@ from pipeline.errors import PipelineError, StoppedWithRankZero
 DEFAULT_WORKDIR = "runs/default"
 CREATES_WORKDIR = ("run", "stage", "demo")  # the other commands log only into a workdir that exists
 EFFECTIVE_CONFIG = "config.yaml"  # in the workdir: the last run's config, as `--config` reads it
+# Under torchrun, a rank stopped by rank 0's error waits this long before it exits: torchrun ends every process
+# once one has ended, and rank 0 must not be ended while it prints the error and tidies the workdir.
+RANK_ZERO_GRACE_S = 10
 WORKDIR_HELP = f"the workdir of a `run`: its cache and results [{DEFAULT_WORKDIR}]"
 
 
@@ -229,6 +233,7 @@ def _command(args) -> int:
             run_demo(Path(args.workdir), args.count, args.weights)
             _save_effective_config(args.workdir)
     except StoppedWithRankZero:
+        time.sleep(RANK_ZERO_GRACE_S)  # torchrun normally stops this process sooner, once rank 0 has exited
         return 2
     except PipelineError as exc:
         print(f"error: {exc}", file=sys.stderr)

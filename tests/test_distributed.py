@@ -236,10 +236,12 @@ def test_an_error_rank_zero_finds_before_any_work_stops_every_rank_and_is_printe
     failed = _torchrun(2, "run saliency.method=onnx", images, tmp_path / "wd")
     assert failed.returncode != 0
     assert failed.stderr.count("error: saliency.method=onnx needs saliency.model=") == 1, failed.stderr[-3000:]
-    # No rank ends with a traceback or an abort. Rank 0 exits with 2; every other rank exits with 2 too or, when
-    # torchrun saw rank 0 end first, is stopped by its SIGTERM (CI saw both). Torchrun's summary, a block per rank:
+    # No rank ends with a traceback or an abort. Rank 0 exits with 2, after it tidied the fresh workdir: the other
+    # ranks wait for it (torchrun ends every process once one has ended, so it stops them with SIGTERM; CI saw
+    # rank 0 stopped that way when rank 1 exited first). Torchrun's summary, a block per rank:
     assert "[rank" not in failed.stderr and "terminate called" not in failed.stderr
     assert re.search(r"rank\s+:\s*0 \(local_rank: 0\)\s+exitcode\s+:\s*2 \(pid", failed.stderr), failed.stderr[-3000:]
+    assert not (tmp_path / "wd").exists()
     assert set(re.findall(r"exitcode\s+:\s*(-?\d+) \(pid", failed.stderr)) <= {"2", "-15"}, failed.stderr[-3000:]
 
 
