@@ -34,12 +34,8 @@ def predict_folder(checkpoint: Path, images_dir: Path, out: Path, device, worker
         digest = distributed.from_rank_zero(lambda: _checked(checkpoint, out))
         model, payload = segmenter_from_checkpoint(checkpoint, device)
         inference = inference or Inference.from_dict(payload["inference"])
-        records, left_out = scan_images(images_dir)
-        for entry in left_out:  # as `run` reports them; they are listed in predict.json too
-            if strict and is_image_problem(entry):
-                raise InputError(f"{entry['image']}: {entry['reason']} (strict mode stops at the first bad image)")
-            if share.rank == 0:
-                tqdm.write(f"skipped {entry['image']}: {entry['reason']}", file=sys.stderr)
+        records, left_out = scan_images(images_dir)  # every rank lists the same folder alike
+        distributed.from_rank_zero(lambda: _reported(left_out, strict))
         masks = [out / "masks" / f"{r.stem}.png" for r in records]
         pending = [i for i, path in enumerate(masks) if share.holds(i) and not path.is_file()]
         skipped = []
@@ -58,10 +54,9 @@ def predict_folder(checkpoint: Path, images_dir: Path, out: Path, device, worker
             Image.fromarray(blend(rgb, labels)).save(overlay, quality=90)
             atomic_write(masks[pending[index]], lambda tmp: write_label_png(tmp, labels))  # last: marks the image done
         shares = distributed.gathered_on_rank_zero({"computed": len(pending), "skipped": skipped})
-        summary = {"checkpoint": str(checkpoint.resolve()), "checkpoint_sha256": digest, "finished": True,
-                   "images": len(records), "computed": 0, "num_classes": payload["num_classes"], "skipped": [],
-                   "left_out": left_out}
-        return distributed.from_rank_zero(lambda: _summarised(summary, shares, out / "predict.json"))
+        finished = {"checkpoint": str(checkpoint.resolve()), "checkpoint_sha256": digest, "finished": True,
+                    "num_classes": payload["num_classes"], "left_out": left_out}
+        return distributed.from_rank_zero(lambda: _summarised(finished, len(records), shares, out / "predict.json"))
     finally:
         distributed.leave()
 
@@ -80,11 +75,20 @@ def _checked(checkpoint: Path, out: Path) -> str:
     return digest
 
 
-def _summarised(summary: dict, shares: list[dict], summary_file: Path) -> dict:
-    """The summary with every rank's counts added in, written to predict.json."""
+def _reported(left_out: list[dict], strict: bool) -> None:
+    """The files the listing left out, printed as `run` prints them (they are in predict.json too); in strict
+    mode the first bad image stops."""
+    for entry in left_out:
+        if strict and is_image_problem(entry):
+            raise InputError(f"{entry['image']}: {entry['reason']} (strict mode stops at the first bad image)")
+        tqdm.write(f"skipped {entry['image']}: {entry['reason']}", file=sys.stderr)
+
+
+def _summarised(finished: dict, listed: int, shares: list[dict], summary_file: Path) -> dict:
+    """predict.json: `finished` with every rank's counts added in (`listed` photos in all)."""
     skipped = sorted((s for share in shares for s in share["skipped"]), key=lambda s: s["image"])
     computed = sum(share["computed"] for share in shares) - len(skipped)
-    summary = {**summary, "images": summary["images"] - len(skipped), "computed": computed, "skipped": skipped}
+    summary = {**finished, "images": listed - len(skipped), "computed": computed, "skipped": skipped}
     write_json(summary_file, summary)
     return summary
 

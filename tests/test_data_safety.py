@@ -218,6 +218,8 @@ def test_predict_reports_the_files_it_leaves_out(finished_run, tmp_path, capsys)
     assert "skipped dangling.jpg: broken symlink" in err and "skipped photo.png: same name as photo.jpg" in err
     assert {e["image"] for e in summary["left_out"]} == {"dangling.jpg", "photo.png"}
     assert read_json(tmp_path / "out" / "predict.json")["left_out"] == summary["left_out"]
+    with pytest.raises(InputError, match=r"dangling.jpg: broken symlink \(strict mode"):
+        predict_folder(checkpoint, folder, tmp_path / "strict", torch.device("cpu"), strict=True)
 
 
 def test_export_ids_are_safe_for_list_files_and_map_back_to_the_photos(images, tmp_path):
