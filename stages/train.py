@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
-from pipeline import torchrun
+from pipeline import distributed, torchrun
 from pipeline.artifacts import atomic_write
 from pipeline.backbones import IMAGENET_MEAN, IMAGENET_STD, BackboneName, BackboneParams, resolve_weights, weights_key
 from pipeline.context import Context, write_items
@@ -297,8 +297,8 @@ def train_step(net, criterion, optimizer, scaler, batch) -> torch.Tensor:
 
 def predict_round(job: Job, round_index: int, names: list[str], views: CachedViews | None) -> list[tuple[Path, Path]]:
     """The round's (labels, confidence) PNGs for every training image, made as `predict` makes them
-    (sharded over processes; finished files are kept)."""
-    rank, world = _world()
+    (sharded over processes as the per-image stages are; finished files are kept)."""
+    share = distributed.Share(*_world())
     state = load_checkpoint(job.work / f"round{round_index}_final.pt")
     model = Segmenter(BackboneParams(job.params.backbone, "random"), state["num_classes"])
     model.load_state_dict(state["model"])
@@ -306,13 +306,12 @@ def predict_round(job: Job, round_index: int, names: list[str], views: CachedVie
     inference = Inference.from_dict(state["inference"])
     folder = job.work / f"round{round_index}_masks"
     pairs = [(folder / name, folder / "confidence" / name) for name in names]
-    mine = [i for i in range(len(names)) if i % world == rank and not pairs[i][0].is_file()]
+    mine = [i for i in range(len(names)) if share.holds(i) and not pairs[i][0].is_file()]
     for i in job.ctx.progress(mine, f"predict r{round_index}"):
         labels, confidence = model.predict(load_rgb(job.images[i]), inference, None if views is None else views.features[i])
         atomic_write(pairs[i][1], lambda tmp: write_label_png(tmp, np.round(confidence * 255).astype(np.uint8)))
         atomic_write(pairs[i][0], lambda tmp: write_label_png(tmp, labels))  # last: marks the image done
-    if world > 1:
-        dist.barrier()
+    distributed.barrier()
     return pairs
 
 
