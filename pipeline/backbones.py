@@ -242,22 +242,35 @@ class Backbone(nn.Module):
             return self.trunk.forward_features(x)[:, 0]
         return self._final_features(x).mean(dim=(2, 3))
 
-    def patch_features(self, images: torch.Tensor) -> torch.Tensor:
-        """(N, C, H/patch_stride, W/patch_stride) features for spectral saliency: last-block keys for
-        ViTs (as TokenCut and Deep Spectral Methods use); for CNNs the stride-16 map, whose affinity
-        graph separated VOC objects better than the coarser last map did (README, saliency)."""
+    def patch_features(self, images: torch.Tensor, levels: int = 1) -> torch.Tensor:
+        """(N, C, H/patch_stride, W/patch_stride) features for saliency: last-block keys for ViTs (as
+        TokenCut and Deep Spectral Methods use); for CNNs the stride-16 map, whose affinity graph separated
+        VOC objects better than the coarser last map did (README, saliency). `levels=2` appends one deeper
+        level, resized to the same grid: the next stage's map for CNNs (MobileNetV2's last 160-channel
+        block, ResNet's layer4; MobileNetV2's 320- and 1280-channel maps taught the saliency head less),
+        the keys of the block before the last for ViTs."""
+        if levels not in (1, 2):
+            raise ValueError(f"levels must be 1 or 2, got {levels}")
         x = self._normalize(images)
         if self.family != "vit":
-            return self._stride16_features(x)
-        captured = {}
-        hook = self.trunk.blocks[-1].attn.qkv.register_forward_hook(lambda m, i, out: captured.update(qkv=out))
+            fine = self._stride16_features(x)
+            if levels == 1:
+                return fine
+            deeper = self.trunk.features[14:17](fine) if self.family == "mobilenet_v2" else self.trunk.layer4(fine)
+            deeper = nn.functional.interpolate(deeper, size=fine.shape[2:], mode="bilinear", align_corners=False)
+            return torch.cat([fine, deeper], dim=1)
+        blocks = self.trunk.blocks[-levels:]
+        captured = []
+        hooks = [b.attn.qkv.register_forward_hook(lambda m, i, out: captured.append(out)) for b in blocks]
         try:
             self.trunk.forward_features(x)
         finally:
-            hook.remove()
+            for hook in hooks:
+                hook.remove()
         n, h, w = x.shape[0], x.shape[2] // self.patch_stride, x.shape[3] // self.patch_stride
-        keys = captured["qkv"][:, self.trunk.num_prefix_tokens:, self.dim:2 * self.dim]
-        return keys.transpose(1, 2).reshape(n, self.dim, h, w)
+        keys = [qkv[:, self.trunk.num_prefix_tokens:, self.dim:2 * self.dim].transpose(1, 2).reshape(n, self.dim, h, w)
+                for qkv in captured]
+        return torch.cat(keys[::-1], dim=1)  # the last block's keys first, as with levels=1
 
 
 def build_backbone(params: BackboneParams) -> Backbone:

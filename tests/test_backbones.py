@@ -479,3 +479,16 @@ def test_cli_missing_weights_exits_2_without_traceback(tmp_path):
     assert "Traceback" not in result.stderr
     assert "Traceback" not in result.stdout
     assert not any(torch_home.rglob("*.pth"))
+
+
+@pytest.mark.parametrize("name, deeper", [("vit_tiny_random", 48), ("mobilenet_v2", 160), ("resnet50", 2048)])
+def test_patch_features_at_two_levels_append_a_deeper_map_on_the_same_grid(name, deeper):
+    backbone = build_backbone(BackboneParams(name, weights=RANDOM))
+    images = uint8_batch(1, 64)
+    with torch.inference_mode():
+        one, two = backbone.patch_features(images), backbone.patch_features(images, levels=2)
+    assert two.shape == (1, one.shape[1] + deeper, *one.shape[2:])
+    torch.testing.assert_close(two[:, :one.shape[1]], one)  # level 1 first, as the spectral cut reads it
+    assert two[:, one.shape[1]:].abs().sum() > 0
+    with pytest.raises(ValueError):
+        backbone.patch_features(images, levels=3)

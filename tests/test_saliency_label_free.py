@@ -85,7 +85,7 @@ def test_self_trained_head_learns_the_drawn_foreground_better_than_its_spectral_
     head = saliency._train_head(patches, torch.tensor(np.concatenate(seeds), dtype=torch.float32),
                                 saliency.HeadParams(iterations=200, batch=256), 0, tmp_path / "head.resume")
     truth, seed = np.concatenate(truths), np.concatenate(seeds)
-    learnt = np.concatenate([head.probability(torch.tensor(f.T.reshape(6, 8, 8), dtype=torch.float32)).reshape(-1)
+    learnt = np.concatenate([head.probability(torch.tensor(f, dtype=torch.float16), (8, 8)).reshape(-1)
                              for f in features]) > 0.5
     assert _iou(seed, truth) < 0.55  # 0.49
     assert _iou(learnt, truth) > 0.7  # 0.80: what the seeds agree on across the photos, not their errors
@@ -102,6 +102,14 @@ def test_head_training_is_deterministic_and_resumes_to_the_same_bytes(images, tm
     assert _head_file(tmp_path / "a", first).read_bytes() == _head_file(tmp_path / "b", second).read_bytes()
     assert _masks(tmp_path / "a", first).keys() == _masks(tmp_path / "b", second).keys()
     assert all((m == _masks(tmp_path / "b", second)[k]).all() for k, m in _masks(tmp_path / "a", first).items())
+    # masks made with the head read from the store (its features computed again) are those made with it
+    # just trained (its training set's features kept)
+    items = read_json(tmp_path / "a" / "cache" / "saliency" / first["saliency"] / "items.json")
+    for item in items:
+        saliency.mask_file(runner.Workdir(tmp_path / "a").store, item["key"]).unlink()
+    shutil.rmtree(tmp_path / "a" / "cache" / "saliency" / first["saliency"])
+    assert _run(images, tmp_path / "a", *HEAD) == first
+    assert all((m == _masks(tmp_path / "a", first)[k]).all() for k, m in _masks(tmp_path / "b", second).items())
 
     steps = []
     real_step = torch.optim.Adam.step
@@ -144,3 +152,26 @@ def test_spectral_keys_leave_out_the_head_and_refine_none():
     assert "refine" not in plain and "head" not in plain
     assert saliency.key_params(tiny_config("saliency.refine.method=none", "saliency.head.lr=0.5")) == plain
     assert "head" in saliency.key_params(tiny_config("saliency.method=self_trained"))
+
+
+def test_self_trained_seeds_are_spectral_masks_at_each_level_and_the_head_learns_their_mean(images, tmp_path, monkeypatch):
+    keys = _run(images, tmp_path / "wd", *HEAD)
+    cuts = []
+    for level in (1, 2):  # both cuts were stored under method=spectral's own keys: spectral finds them made
+        entry = _run(images, tmp_path / "wd", f"saliency.levels={level}")
+        assert read_json(tmp_path / "wd" / "cache" / "saliency" / entry["saliency"] / "manifest.json")["counts"]["computed"] == 0
+        cuts.append(_masks(tmp_path / "wd", entry))
+    assert any((cuts[0][image] != cuts[1][image]).any() for image in cuts[0])  # two different cuts
+    learnt = []
+    real = saliency._train_head
+    monkeypatch.setattr(saliency, "_train_head", lambda patches, targets, *a: (learnt.append((patches, targets)),
+                                                                            real(patches, targets, *a))[1])
+    _run(images, tmp_path / "wd", *HEAD, "saliency.head.lr=0.02")  # learnt again: a changed lr
+    (patches, targets), = learnt
+    assert patches.shape[1] == 2 * 48  # vit_tiny_random's keys of its last two blocks
+    grid = int(round((len(targets) / len(cuts[0])) ** 0.5))
+    expected = [np.mean([cv2.resize((cut[image] > 0).astype(np.float32), (grid, grid), interpolation=cv2.INTER_AREA)
+                         for cut in cuts], axis=0).reshape(-1) for image in cuts[0]]  # in input order, as learnt
+    np.testing.assert_allclose(targets.numpy(), np.concatenate(expected), atol=1e-6)
+    one_seed = _run(images, tmp_path / "one", *HEAD, "saliency.head.seed_levels=[1]", "saliency.head.levels=1")
+    assert _head_file(tmp_path / "one", one_seed) != _head_file(tmp_path / "wd", keys)
