@@ -124,7 +124,7 @@ def run_demo(workdir: Path, count: int, weights: str | Path | None = None) -> di
     data = Path(__file__).resolve().parent.parent / "data" / "generated" / f"shapes-{count}"
     images, labels = make_shapes(data, count) if not (data / "labels").is_dir() else (data / "images", data / "labels")
     weights = demo_weights(weights)
-    cfg = runner.load_config(overrides=["backbone.name=mobilenet_v2", f"backbone.weights={weights}", "saliency.method=spectral",
+    cfg = runner.load_config(overrides=["backbone.name=mobilenet_v2", f"backbone.weights={weights}",
                                  f"cluster.k={len(SHAPES)}", "train.backbone=mobilenet_v2", f"train.weights={weights}",
                                  # 48 small scenes: fine-tuning the whole trunk fits the CPU here (VOC-sized folders
                                  # get the frozen recipe); on these scenes it scored 0.774 against frozen's 0.665

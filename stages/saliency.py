@@ -66,7 +66,7 @@ class HeadParams:
 
 @dataclasses.dataclass(frozen=True)
 class Params:
-    method: Literal["spectral", "self_trained", "onnx", "folder"] = "spectral"
+    method: Literal["spectral", "self_trained", "onnx", "folder"] = "self_trained"  # the best label-free one (README)
     model: str = ""  # onnx: path to the model file
     masks_dir: str = ""  # folder: masks named like the images (same relative path or same stem), any image format
     input_size: int = 0  # square side the image is resized to; 0 = the ONNX model's own, or 28 patches for spectral

@@ -15,8 +15,10 @@ VOC = SHARED / "data" / "voc12-trainaug-330"
 MOBILENET = SHARED / "models" / "mobilenetv2_imagenet_bottleneck.pt"
 ISNET = SHARED / "models" / "isnet_fp16.onnx"
 
+# saliency: the tiny runs cut each photo once; the default (self_trained, which adds a head's training to
+# every run) has tests of its own (test_saliency_label_free.py, test_distributed.py)
 TINY = ("backbone.name=vit_tiny_random", "workers=0", "cluster.k=3", "cluster.nredo=2", "cluster.niter=20",
-        "saliency.input_size=112", "train.backbone=vit_tiny_random", "train.epochs=1", "train.crop_size=64",
+        "saliency.method=spectral", "saliency.input_size=112", "train.backbone=vit_tiny_random", "train.epochs=1", "train.crop_size=64",
         "train.base_size=64", "train.batch_size=4", "train.lr=0.001", "train.rounds=1")
 
 
