@@ -32,7 +32,9 @@ def _env() -> dict:
 
 
 def _pipeline(command: str, images: Path, workdir: Path) -> list[str]:
-    return ["run_pipeline.py", *command.split(), "--images", str(images), "--workdir", str(workdir), *TINY]
+    words = command.split()  # the command's own overrides come after TINY's, so they win
+    return ["run_pipeline.py", *[w for w in words if "=" not in w], "--images", str(images), "--workdir", str(workdir),
+            *TINY, *[w for w in words if "=" in w]]
 
 
 def _single(command: str, images: Path, workdir: Path) -> subprocess.CompletedProcess:
