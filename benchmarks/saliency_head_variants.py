@@ -21,28 +21,23 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from commands.evaluate import foreground_overlap  # noqa: E402
 from pipeline.backbones import BackboneParams, build_backbone  # noqa: E402
 from pipeline.images import load_rgb, read_label_png, scan_images  # noqa: E402
 from stages.saliency import (SPECTRAL_GRID, HeadParams, Params, _train_head, fiedler_foreground,  # noqa: E402
-                             refined_mask)
+                             patch_shares, refined_mask)
 
 REFINE = Params().refine
 
 
 def foreground_iou(masks: list[np.ndarray], truths: list[np.ndarray]) -> float:
-    inter = union = 0
-    for mask, truth in zip(masks, truths):
-        valid = truth != 255
-        predicted, actual = (mask > 0) & valid, (truth > 0) & valid
-        inter += (predicted & actual).sum()
-        union += (predicted | actual).sum()
+    inter, union = np.sum([foreground_overlap(mask, truth) for mask, truth in zip(masks, truths)], axis=0)
     return inter / max(union, 1)
 
 
-def shares(masks: list[np.ndarray], grid: int) -> torch.Tensor:
+def shares(masks: list[np.ndarray]) -> torch.Tensor:
     """Each mask's foreground share per patch, flattened and joined (the head's targets)."""
-    return torch.cat([torch.from_numpy(cv2.resize((m > 0).astype(np.float32), (grid, grid),
-                                                  interpolation=cv2.INTER_AREA).reshape(-1)) for m in masks])
+    return torch.cat([torch.from_numpy(patch_shares(m, (SPECTRAL_GRID, SPECTRAL_GRID)).reshape(-1)) for m in masks])
 
 
 def main() -> None:
@@ -88,14 +83,14 @@ def main() -> None:
     print(f"{len(photos)} photos; foreground IoU over all, then over each half")
     report("spectral cut, level 1 (method=spectral)", cuts[1])
     report("spectral cut, level 2", cuts[2])
-    one, two = shares(cuts[1], SPECTRAL_GRID), shares(cuts[2], SPECTRAL_GRID)
+    one, two = shares(cuts[1]), shares(cuts[2])
     mean = (one + two) / 2
     report("head on level 1, learns cut 1 (self_trained before)", head(1, one))
     report("head on level 2, learns cut 1", head(2, one))
     report("head on level 2, learns cut 2", head(2, two))
     report("head on level 1, learns mean of cuts 1, 2", head(1, mean))
     first = report("head on level 2, learns mean of cuts 1, 2 (default)", head(2, mean))
-    report("... round 2: learns round 1's refined masks", head(2, shares(first, SPECTRAL_GRID)))
+    report("... round 2: learns round 1's refined masks", head(2, shares(first)))
 
 
 if __name__ == "__main__":

@@ -117,6 +117,13 @@ def _iou_report(matched: np.ndarray, class_pixels: np.ndarray, mapping: dict[int
             "per_class_iou": {str(c): round(float(iou[c]), 4) for c in range(num_classes) if present[c]}}
 
 
+def foreground_overlap(mask: np.ndarray, truth: np.ndarray) -> tuple[int, int]:
+    """(intersection, union) of a saliency mask (> 0) with a label's foreground (neither 0 nor IGNORE)."""
+    valid = truth != IGNORE
+    predicted, actual = (mask > 0) & valid, (truth > 0) & valid
+    return int((predicted & actual).sum()), int((predicted | actual).sum())
+
+
 def foreground_iou(mask_and_label: list[tuple[Path, Path]]) -> dict:
     """IoU of saliency masks (> 0) with the labels' foreground (neither 0 nor 255), dataset-level and per-image mean."""
     intersection = union = 0
@@ -126,9 +133,7 @@ def foreground_iou(mask_and_label: list[tuple[Path, Path]]) -> dict:
         truth = read_label_png(label_path)
         if mask is None or mask.shape != truth.shape:
             raise InputError(f"saliency mask {mask_path} does not match its label {label_path}")
-        valid = truth != IGNORE
-        predicted, actual = (mask > 0) & valid, (truth > 0) & valid
-        i, u = int((predicted & actual).sum()), int((predicted | actual).sum())
+        i, u = foreground_overlap(mask, truth)
         intersection, union = intersection + i, union + u
         per_image.append(i / u if u else 1.0)
     return {"iou": intersection / union if union else 0.0, "mean_image_iou": float(np.mean(per_image)) if per_image else 0.0,

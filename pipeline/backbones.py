@@ -37,6 +37,7 @@ HASH_IN_NAME = re.compile(r"-([a-f0-9]{8,})\.pth$")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 RANDOM = "random"
+PATCH_LEVELS = (1, 2)  # Backbone.patch_features: the saliency grid's map, or it and one deeper level
 
 BackboneName = Literal["dino_vits8", "dino_vits16", "dino_vitb8", "dino_vitb16", "dino_resnet50",
                        "mobilenet_v2", "resnet50", "vit_tiny_random"]
@@ -249,8 +250,8 @@ class Backbone(nn.Module):
         level, resized to the same grid: the next stage's map for CNNs (MobileNetV2's last 160-channel
         block, ResNet's layer4; MobileNetV2's 320- and 1280-channel maps taught the saliency head less),
         the keys of the block before the last for ViTs."""
-        if levels not in (1, 2):
-            raise ValueError(f"levels must be 1 or 2, got {levels}")
+        if levels not in PATCH_LEVELS:
+            raise ValueError(f"levels must be among {PATCH_LEVELS}, got {levels}")
         x = self._normalize(images)
         if self.family != "vit":
             fine = self._stride16_features(x)

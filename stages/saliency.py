@@ -29,7 +29,7 @@ import scipy.linalg
 import torch
 
 from pipeline.artifacts import atomic_write, stable_hash
-from pipeline.backbones import build_backbone, resolve_weights, weights_key
+from pipeline.backbones import PATCH_LEVELS, build_backbone, resolve_weights, weights_key
 from pipeline.digests import file_digest
 from pipeline.context import Context, item_key, write_items
 from pipeline.refine import RefineParams, refine_scores
@@ -40,7 +40,6 @@ from pipeline.precision import device_in_key
 
 VERSION = 2  # 2: uniform photos have no foreground
 SPECTRAL_GRID = 28  # patches per side when input_size is 0
-LEVELS = (1, 2)  # Backbone.patch_features: the spectral grid's map, or it and one deeper level
 UNIFORM_STD = 4.0  # a photo whose pixel values spread less than this (grey levels) has nothing salient
 
 
@@ -58,8 +57,8 @@ class HeadParams:
     def __post_init__(self):
         if min(self.iterations, self.batch, self.rounds, self.max_images) < 1:
             raise ConfigError(f"head.iterations, batch, rounds and max_images must be >= 1, got {self}")
-        if not self.seed_levels or any(level not in LEVELS for level in (self.levels, *self.seed_levels)):
-            raise ConfigError(f"head.levels and head.seed_levels must be among {LEVELS}, got {self}")
+        if not self.seed_levels or any(level not in PATCH_LEVELS for level in (self.levels, *self.seed_levels)):
+            raise ConfigError(f"head.levels and head.seed_levels must be among {PATCH_LEVELS}, got {self}")
         if self.lr <= 0:
             raise ConfigError(f"head.lr must be > 0, got {self.lr}")
 
@@ -87,8 +86,8 @@ class Params:
             raise ConfigError(f"tau must be in (-1, 1) (a cosine affinity), got {self.tau}")
         if any(s <= 0 for s in self.std):
             raise ConfigError(f"std must be positive, got {self.std}")
-        if self.levels not in LEVELS:
-            raise ConfigError(f"levels must be among {LEVELS}, got {self.levels}")
+        if self.levels not in PATCH_LEVELS:
+            raise ConfigError(f"levels must be among {PATCH_LEVELS}, got {self.levels}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -392,8 +391,7 @@ def _training_set(ctx: Context, chosen: list[dict], head: SaliencyHead | None, s
             masks = [cv2.imread(str(mask_file(ctx.store, key)), cv2.IMREAD_GRAYSCALE) for key in chosen[index]["keys"]]
         else:
             masks = [refined_mask(rgb, head.probability(features, grid), spectral.params.refine)]
-        share = np.mean([cv2.resize((m > 0).astype(np.float32), (grid[1], grid[0]), interpolation=cv2.INTER_AREA)
-                         for m in masks], axis=0)
+        share = np.mean([patch_shares(m, grid) for m in masks], axis=0)
         photos.append(record.rel)
         grids.append(grid)
         patches.append(features)
@@ -401,6 +399,11 @@ def _training_set(ctx: Context, chosen: list[dict], head: SaliencyHead | None, s
     joined = torch.cat(patches)
     spectral.kept = dict(zip(photos, zip(joined.split([len(p) for p in patches]), grids)))
     return joined, torch.cat(targets)
+
+
+def patch_shares(mask: np.ndarray, grid: tuple[int, int]) -> np.ndarray:
+    """(h, w) share of each patch's pixels that `mask` (image size, > 0 = foreground) covers."""
+    return cv2.resize((mask > 0).astype(np.float32), (grid[1], grid[0]), interpolation=cv2.INTER_AREA)
 
 
 def _train_head(patches: torch.Tensor, targets: torch.Tensor, params: HeadParams, seed: int, resume: Path) -> SaliencyHead:
