@@ -56,7 +56,9 @@ def predict_folder(checkpoint: Path, images_dir: Path, out: Path, device, worker
         shares = distributed.gathered_on_rank_zero({"computed": len(pending), "skipped": skipped})
         finished = {"checkpoint": str(checkpoint.resolve()), "checkpoint_sha256": digest, "finished": True,
                     "num_classes": payload["num_classes"], "left_out": left_out}
-        return distributed.from_rank_zero(lambda: _summarised(finished, len(records), shares, out / "predict.json"))
+        summary = distributed.from_rank_zero(lambda: _summarised(finished, len(records), shares, out / "predict.json"))
+        distributed.barrier()  # no rank leaves while another still receives the summary: gloo would abort it
+        return summary
     finally:
         distributed.leave()
 
