@@ -1,13 +1,15 @@
 """What the self-trained saliency head learns from, and what it reads: foreground IoU of each variant.
 
     python3 benchmarks/saliency_head_variants.py --images DIR --labels DIR --weights mobilenet.pt [--count N]
+        [--rounds 6] [--seeds 0 1 2]
 
 Each photo's patch features are computed once at both levels (Backbone.patch_features), the two
 spectral cuts once (level 1: the spectral grid's map; level 2: it joined by the next stage's), then
 heads are trained exactly as stages/saliency.py trains them (same targets, Adam, batch, steps, seed,
-float16 patches) on every photo, and their refined predictions scored. Foreground IoU is summed over
-the photos (as `evaluate` reports it) and over each half of them (even / odd position), so a variant
-that helps one half only shows it.
+float16 patches) on every photo, and their refined predictions scored; then the default head for each
+seed and round (round r learns round r - 1's refined masks, as `saliency.head.rounds` does). Foreground
+IoU is summed over the photos (as `evaluate` reports it) and over each half of them (even / odd
+position), so a variant that helps one half only shows it.
 """
 from __future__ import annotations
 
@@ -46,6 +48,8 @@ def main() -> None:
     parser.add_argument("--labels", required=True)
     parser.add_argument("--weights", required=True, help="MobileNetV2 weights")
     parser.add_argument("--count", type=int, default=0, help="first N photos only (0: all)")
+    parser.add_argument("--rounds", type=int, default=6, help="self-training rounds of the default head, per seed")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     args = parser.parse_args()
     torch.set_num_threads(2)
     backbone = build_backbone(BackboneParams("mobilenet_v2", args.weights))
@@ -74,9 +78,9 @@ def main() -> None:
         print(f"{name:<52} {scores[0]:.3f}   halves {scores[1]:.3f} / {scores[2]:.3f}", flush=True)
         return masks
 
-    def head(level: int, targets: torch.Tensor) -> list[np.ndarray]:
+    def head(level: int, targets: torch.Tensor, seed: int = 0) -> list[np.ndarray]:
         with tempfile.TemporaryDirectory() as tmp:
-            trained = _train_head(torch.cat(features[level]), targets, HeadParams(), 0, Path(tmp) / "head.resume")
+            trained = _train_head(torch.cat(features[level]), targets, HeadParams(), seed, Path(tmp) / "head.resume")
         grid = (SPECTRAL_GRID, SPECTRAL_GRID)
         return [refined_mask(rgb, trained.probability(f, grid), REFINE) for rgb, f in zip(photos, features[level])]
 
@@ -89,8 +93,11 @@ def main() -> None:
     report("head on level 2, learns cut 1", head(2, one))
     report("head on level 2, learns cut 2", head(2, two))
     report("head on level 1, learns mean of cuts 1, 2", head(1, mean))
-    first = report("head on level 2, learns mean of cuts 1, 2 (default)", head(2, mean))
-    report("... round 2: learns round 1's refined masks", head(2, shares(first)))
+    report("head on level 2, learns mean of cuts 1, 2 (round 1)", head(2, mean))
+    for seed in args.seeds:  # round r learns round r - 1's refined masks (saliency.head.rounds)
+        masks = None
+        for round_ in range(1, args.rounds + 1):
+            masks = report(f"seed {seed}, round {round_}", head(2, mean if masks is None else shares(masks), seed))
 
 
 if __name__ == "__main__":

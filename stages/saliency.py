@@ -49,7 +49,7 @@ class HeadParams:
     iterations: int = 500  # Adam steps per round
     batch: int = 8192  # patches per step, drawn from every training photo
     lr: float = 0.01
-    rounds: int = 1  # round r > 1 learns from round r - 1's refined predictions
+    rounds: int = 4  # round r > 1 learns from round r - 1's refined predictions (each round gained, less each time)
     max_images: int = 2000  # photos it learns from (evenly spread over the folder): bounds its memory
     levels: int = 2  # feature levels the head reads (Backbone.patch_features): 2 adds the next stage's map
     seed_levels: tuple[int, ...] = (1, 2)  # round 1's target: the mean of the spectral masks cut at these levels
@@ -354,12 +354,15 @@ def _head_mask(head: SaliencyHead, spectral: _Spectral, record, rgb: np.ndarray)
 
 
 def _trained_head(ctx: Context, params: Params, spectral: _Spectral, seeds: list[dict]) -> tuple[SaliencyHead, Path]:
-    """The last round's head and its file: each round is stored, keyed by what it learnt from, and
-    taken from the store when there; a round interrupted resumes from its last saved state."""
+    """The last round's head and its file: each round is stored, keyed by what it learnt from (not by how
+    many rounds follow it, so more rounds train only the new ones), and taken from the store when there; a
+    round interrupted resumes from its last saved state."""
     if not seeds:
         raise InputError("saliency.method=self_trained found no decodable photo to learn from")
     chosen = seeds[::-(-len(seeds) // params.head.max_images)]
-    head, key = None, stable_hash({"seeds": [i["keys"] for i in chosen], "params": _self_trained_params(ctx.cfg)})
+    learnt_with = _self_trained_params(ctx.cfg)
+    learnt_with["head"] = {name: value for name, value in learnt_with["head"].items() if name != "rounds"}
+    head, key = None, stable_hash({"seeds": [i["keys"] for i in chosen], "params": learnt_with})
     for round_ in range(params.head.rounds):
         key = stable_hash({"after": key, "round": round_})
         path = _head_file(ctx.store, key)

@@ -15,7 +15,7 @@ from pipeline.refine import RefineParams
 from stages import saliency
 from tests.conftest import quiet, tiny_config
 
-HEAD = ("saliency.method=self_trained", "saliency.head.iterations=120")
+HEAD = ("saliency.method=self_trained", "saliency.head.iterations=120", "saliency.head.rounds=1")
 
 
 def _run(images, workdir, *overrides):
@@ -145,6 +145,24 @@ def test_head_is_trained_again_only_when_the_folder_or_its_parameters_change(sha
     shutil.copy(shapes_dir / "images" / "shape_0000.jpg", images / "extra.jpg")
     grown = _run(images, tmp_path / "wd", *HEAD)
     assert len(trained) == 2 and _head_file(tmp_path / "wd", grown) != _head_file(tmp_path / "wd", keys)
+
+
+def test_each_round_learns_the_last_rounds_refined_masks_and_more_rounds_train_only_the_new_ones(images, tmp_path,
+                                                                                                   monkeypatch):
+    learnt = []
+    real = saliency._train_head
+    monkeypatch.setattr(saliency, "_train_head", lambda patches, targets, *a: (learnt.append(targets),
+                                                                            real(patches, targets, *a))[1])
+    one = _run(images, tmp_path / "wd", *HEAD)
+    two = _run(images, tmp_path / "wd", *HEAD, "saliency.head.rounds=2")
+    assert len(learnt) == 2  # round 1 came from the store
+    grid = int(round((len(learnt[1]) / len(_masks(tmp_path / "wd", one))) ** 0.5))
+    round_one = [saliency.patch_shares(mask, (grid, grid)).reshape(-1) for mask in _masks(tmp_path / "wd", one).values()]
+    np.testing.assert_allclose(learnt[1].numpy(), np.concatenate(round_one), atol=1e-6)
+    assert not torch.equal(learnt[0], learnt[1])
+    assert _head_file(tmp_path / "wd", two) != _head_file(tmp_path / "wd", one)
+    _run(images, tmp_path / "wd", *HEAD, "saliency.head.rounds=3")
+    assert len(learnt) == 3
 
 
 def test_spectral_keys_leave_out_the_head_and_refine_none():
