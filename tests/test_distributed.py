@@ -21,6 +21,7 @@ from pipeline.artifacts import read_json
 from pipeline.context import Context
 from pipeline.outputs import load_embeddings, mask_file, read_items
 from pipeline.runner import Workdir
+from stages import saliency
 from tests.conftest import ROOT, TINY
 
 CLI = [sys.executable, str(ROOT / "run_pipeline.py")]
@@ -226,9 +227,9 @@ def test_self_trained_saliency_learns_one_head_from_every_ranks_seeds(images, tm
     assert both.returncode == 0, both.stderr[-3000:]
     assert _masks(tmp_path / "two") == _masks(tmp_path / "one")
     heads = list((tmp_path / "two" / "cache" / "saliency" / "items").glob("head-*.pt"))
-    # rank 0 cut its 10 photos twice (the head's two seed levels); rank 1's masks, from the head read back
-    # from the store, are byte-identical to those rank 0 and the single process made from kept features
-    assert len(heads) == 1 and _manifest(tmp_path / "two", "saliency")["counts"]["spectral_computed"] == 2 * 10
+    # rank 0 learnt each round once and cut its 10 photos twice (the head's two seed levels); rank 1's masks, from
+    # the head read back from the store, are byte-identical to those rank 0 and the single process made
+    assert len(heads) == saliency.HeadParams().rounds and _manifest(tmp_path / "two", "saliency")["counts"]["spectral_computed"] == 2 * 10
 
 
 def _masks(workdir: Path) -> dict[str, bytes]:
