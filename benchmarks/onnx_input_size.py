@@ -2,13 +2,14 @@
 
     python benchmarks/onnx_input_size.py --model ../shared/models/isnet_fp16.onnx \
         --images ../shared/data/voc12-trainaug-330/images --labels ../shared/data/voc12-trainaug-330/labels \
-        [--count 60] [--sizes 1024,768,640,512] [--quantize 640,512]
+        [--count 60] [--sizes 1024,768,640,512] [--int8 1024,640]
 
 For every setting, the saliency stage's own predictor (float32 on the CPU, the graph scaled to the input
 size by `stages.saliency.at_input_size`) runs on the same photos, interleaved photo by photo so that load on
 the machine hits every setting alike. Prints seconds per photo, foreground IoU against the labels (dataset
-level, as `evaluate` reports it; label 255 ignored) and mask agreement with the first size. `--quantize`
-adds ONNX Runtime's dynamic int8 quantisation (`quantize_dynamic`, weights int8) at those sizes.
+level, as `evaluate` reports it; label 255 ignored) and mask agreement with the first size. `--int8` adds the
+stage's static int8 quantisation (`saliency.precision=int8`) at those sizes, calibrated as the stage does on
+`--calibration` photos of the whole folder (those whose fingerprints hash lowest).
 """
 from __future__ import annotations
 
@@ -27,23 +28,15 @@ sys.path.insert(0, str(ROOT))
 from pipeline.images import list_images, load_rgb, read_label_png  # noqa: E402
 from commands.evaluate import label_files  # noqa: E402
 from pipeline.outputs import IGNORE  # noqa: E402
-from stages.saliency import Params, _OnnxSaliency, at_input_size, float32_model  # noqa: E402
+from stages.saliency import Params, _OnnxSaliency, calibration_photos, quantize_int8  # noqa: E402
 
 
-def quantized(model_path: str, side: int, folder: Path) -> _OnnxSaliency:
-    """The stage's predictor with its session replaced by a dynamically int8-quantised copy of its graph."""
-    import onnx
-    import onnxruntime
-    from onnxruntime.quantization import QuantType, quantize_dynamic
-
-    predictor = _OnnxSaliency(Params(method="onnx", model=model_path, input_size=side), torch.device("cpu"))
-    source, target = folder / f"f32-{side}.onnx", folder / f"int8-{side}.onnx"
-    model = onnx.load_from_string(float32_model(model_path))
-    native = model.graph.input[0].type.tensor_type.shape.dim[2].dim_value
-    onnx.save(at_input_size(model, native, side, model_path) if side != native else model, source)
-    quantize_dynamic(str(source), str(target), weight_type=QuantType.QInt8)
-    predictor.session = onnxruntime.InferenceSession(str(target), providers=["CPUExecutionProvider"])
-    return predictor
+def quantized(model_path: str, side: int, photos: list, path: Path) -> _OnnxSaliency:
+    """The stage's int8 predictor: its float32 graph quantised with ranges from `photos`."""
+    params = Params(method="onnx", model=model_path, input_size=side)
+    float32 = _OnnxSaliency(params, torch.device("cpu"))
+    quantize_int8(float32, [float32.input(load_rgb(r.path)) for r in photos], path)
+    return _OnnxSaliency(params, torch.device("cpu"), path)
 
 
 def main() -> None:
@@ -53,15 +46,18 @@ def main() -> None:
     parser.add_argument("--labels", required=True)
     parser.add_argument("--count", type=int, default=60)
     parser.add_argument("--sizes", default="1024,768,640,512")
-    parser.add_argument("--quantize", default="", help="sizes to also run int8-quantised, e.g. 640,512")
+    parser.add_argument("--int8", default="", help="sizes to also run int8-quantised, e.g. 1024,640")
+    parser.add_argument("--calibration", type=int, default=Params.calibration)
     args = parser.parse_args()
-    records = list_images(args.images)[:args.count]
+    folder = list_images(args.images, hash_content=True)  # the calibration photos of `--hash-content` runs
+    records = folder[:args.count]
     labels = label_files(Path(args.labels), [r.rel for r in records])
     settings = {f"float32 {side}": _OnnxSaliency(Params(method="onnx", model=args.model, input_size=int(side)),
                                                  torch.device("cpu")) for side in args.sizes.split(",")}
-    with tempfile.TemporaryDirectory() as folder:
-        for side in filter(None, args.quantize.split(",")):
-            settings[f"int8 {side}"] = quantized(args.model, int(side), Path(folder))
+    with tempfile.TemporaryDirectory() as scratch:
+        for side in filter(None, args.int8.split(",")):
+            settings[f"int8 {side}"] = quantized(args.model, int(side), calibration_photos(folder, args.calibration),
+                                                 Path(scratch) / f"int8-{side}.onnx")
         seconds = dict.fromkeys(settings, 0.0)
         overlap = {name: [0, 0] for name in settings}  # intersection, union with the labels' foreground
         agreement = {name: [] for name in settings}

@@ -261,7 +261,10 @@ def test_the_device_is_in_the_keys_only_where_a_gpu_changes_the_bytes(tmp_path):
     assert saliency.key_params(gpu) == {**saliency.key_params(cpu), "device": "cuda"}  # spectral: CUDA kernels
     cpu_onnx = saliency.key_params(tiny_config("device=cpu", *model))
     gpu_onnx = saliency.key_params(tiny_config("device=cuda", *model))  # run in float16 there, not widened
-    assert cpu_onnx.pop("cpu_float16_as") == "float32" and gpu_onnx.pop("device") == "cuda" and cpu_onnx == gpu_onnx
+    assert cpu_onnx.pop("precision") == "int8" and cpu_onnx.pop("calibration") == 8
+    assert gpu_onnx.pop("device") == "cuda" and cpu_onnx == gpu_onnx
+    float32 = saliency.key_params(tiny_config("device=cpu", *model, "saliency.precision=float32"))
+    assert float32.pop("cpu_float16_as") == "float32" and float32 == gpu_onnx
     folder = ["saliency.method=folder", f"saliency.masks_dir={tmp_path / 'masks'}"]
     assert saliency.key_params(tiny_config("device=cuda", *folder)) == saliency.key_params(tiny_config(*folder))
     assert objects.key_params(gpu) == objects.key_params(cpu)  # computed on the CPU anyway

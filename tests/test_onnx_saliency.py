@@ -85,3 +85,62 @@ def test_device_cuda_without_the_gpu_build_is_a_one_line_error():
     cpu_build = types.SimpleNamespace(get_available_providers=lambda: ["CPUExecutionProvider"])
     with pytest.raises(ConfigError, match=r"no CUDAExecutionProvider: install the GPU build \(pip install -e"):
         _onnx_providers(cpu_build, torch.device("cuda", 0))
+
+
+def conv_model(side: int):
+    """A small fully convolutional "salient-object model": 3x3 conv to 4 channels, ReLU, 1x1 conv, sigmoid,
+    with fixed random weights; enough operators for int8 quantisation to have work to do."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    weights = [numpy_helper.from_array(rng.normal(0, 0.5, (4, 3, 3, 3)).astype(np.float32), "w1"),
+               numpy_helper.from_array(rng.normal(0, 0.5, (4,)).astype(np.float32), "b1"),
+               numpy_helper.from_array(rng.normal(0, 1.0, (1, 4, 1, 1)).astype(np.float32), "w2")]
+    nodes = [helper.make_node("Conv", ["input", "w1", "b1"], ["c1"], pads=[1, 1, 1, 1]),
+             helper.make_node("Relu", ["c1"], ["r1"]), helper.make_node("Conv", ["r1", "w2"], ["logit"]),
+             helper.make_node("Sigmoid", ["logit"], ["output"])]
+    graph = helper.make_graph(nodes, "conv", [helper.make_tensor_value_info("input", TensorProto.FLOAT, [1, 3, side, side])],
+                              [helper.make_tensor_value_info("output", TensorProto.FLOAT, [1, 1, side, side])], weights)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    model.ir_version = 8
+    return model
+
+
+def test_int8_masks_follow_float32_and_a_photo_added_outside_the_calibration_set_recomputes_nothing(images, tmp_path):
+    from pipeline import runner
+    from pipeline.artifacts import read_json, stable_hash
+    from pipeline.images import fingerprint
+    from tests.conftest import quiet, tiny_config
+
+    onnx.save(conv_model(32), tmp_path / "conv.onnx")
+    model = ["saliency.method=onnx", f"saliency.model={tmp_path / 'conv.onnx'}", "saliency.calibration=3", "hash_content=true"]
+
+    def stage(workdir, *overrides):
+        keys = runner.run(tiny_config(*model, *overrides), images, workdir, log=quiet, start="saliency", only=True)
+        entry = workdir / "cache" / "saliency" / keys["saliency"]
+        masks = {i["image"]: cv2.imread(str(workdir / "cache" / "saliency" / "items" / f"{i['key']}.png"), 0)
+                 for i in read_json(entry / "items.json")}
+        return masks, read_json(entry / "manifest.json")
+
+    int8, manifest = stage(tmp_path / "wd")
+    float32, _ = stage(tmp_path / "wd32", "saliency.precision=float32")
+    quantized = sorted((tmp_path / "wd" / "cache" / "saliency" / "items").glob("int8-*.onnx"))
+    assert len(quantized) == 1 and f"items/{quantized[0].name}" in manifest["uses"]
+    assert "QuantizeLinear" in {n.op_type for n in onnx.load(quantized[0]).graph.node}
+    assert not list((tmp_path / "wd32" / "cache" / "saliency" / "items").glob("int8-*"))
+    agree = [((int8[i] > 0) == (float32[i] > 0)).mean() for i in float32]
+    assert min(agree) > 0.97 and any(a < 1 for a in agree)  # int8 rounding moves a few pixels, no more
+
+    # a new photo whose fingerprint hashes above the 3 chosen ones leaves the calibration and every mask as they were
+    chosen = sorted(stable_hash(fingerprint(p, p.name, True)) for p in images.iterdir())[2]
+    photo = next(iter(images.iterdir())).read_bytes()
+    for index in range(100):
+        added = images / f"added_{index}.jpg"
+        added.write_bytes(photo + bytes([index]))  # trailing bytes after the JPEG's end: same pixels, new content
+        if stable_hash(fingerprint(added, added.name, True)) > chosen:
+            break
+        added.unlink()
+    grown, manifest = stage(tmp_path / "wd")
+    assert manifest["counts"]["computed"] == 1 and len(grown) == len(int8) + 1
+    assert sorted((tmp_path / "wd" / "cache" / "saliency" / "items").glob("int8-*.onnx")) == quantized
+    assert all((grown[i] == int8[i]).all() for i in int8)
