@@ -96,8 +96,7 @@ def variants(unit: np.ndarray, photo_of_object: np.ndarray, rows: list[str]) -> 
         for counts in ((8, 10, 12), (5, 10, 20), (10, 15, 20, 30), (5, 10, 15, 20, 30)):
             chosen[f"averaged graphs {counts}"] = (sum(graph[n] for n in counts) / len(counts), 0)
     if "same-image" in rows:  # objects of one photo are often one class (a herd, a crowd)
-        same = scipy.sparse.csr_matrix((photo_of_object[:, None] == photo_of_object[None, :]).astype(float))
-        same.setdiag(0)
+        same = cluster.same_photo_graph(photo_of_object)
         for n in (10, 20, 30):
             chosen |= {f"neighbours {n} + same-photo edges x{w}": (graph[n] + w * same, 0) for w in (0.25, 0.5, 1.0)}
     if "mutual" in rows:  # only the edges both objects chose

@@ -8,7 +8,9 @@ makes a photo a photo) stop dominating the cosine, and normalised again.
 `nredo` restarts; scales to 10^6 objects. `spectral` (the COMUS paper's choice): spectral clustering
 of the symmetric `neighbours`-nearest-neighbour graph, built with faiss's exact search (its cost grows
 with the square of the object count), then k-means on the graph's leading eigenvectors; it follows
-elongated clusters that k-means cuts in pieces. `auto`: spectral up to `SPECTRAL_MAX_OBJECTS`,
+elongated clusters that k-means cuts in pieces; `same_photo` > 0 adds edges of that weight between
+the objects of one photo, since a photo's objects are often of one class (a crowd, a herd, a parked
+row of cars) and its salient mask often breaks one object into pieces. `auto`: spectral up to `SPECTRAL_MAX_OBJECTS`,
 k-means beyond. With `overcluster` > 1, the method makes `overcluster` x k clusters, and those that
 share the most neighbour-graph edges, for their size, are merged until k remain.
 
@@ -28,7 +30,7 @@ import scipy.sparse.linalg
 from pipeline.context import Context
 from pipeline.errors import ConfigError, InputError
 from pipeline.faiss_runtime import faiss
-from pipeline.outputs import Clusters, load_embeddings, save_clusters
+from pipeline.outputs import Clusters, embedding_rows, load_embeddings, save_clusters
 
 VERSION = 3  # 3 (2 was never released): dense eigen-solve up to DENSE_EIGEN_MAX objects (ARPACK was not repeatable on repeated eigenvalues); PCA keeps only spanned components
 SPANNED = 1e-6  # a principal component with less than this share of the first one's variance is not spanned
@@ -47,6 +49,8 @@ class Params:
     # graph neighbours of each object (itself included): spectral, merging, reliability. 10 is scikit-learn's
     # SpectralClustering default; on VOC-330 it also beat 5, 15, 20 and 30 (README, "Pseudo labels")
     neighbours: int = 10
+    # spectral: weight of the edges between objects of one photo (a kNN edge weighs 0.5 one way, 1 both ways)
+    same_photo: float = 1.0
     pca_dim: int = 0  # project on this many principal components first, as Leopart does (0: no projection)
     whiten: bool = False  # each principal component scaled to unit variance (only with pca_dim)
     overcluster: int = 1  # make this many times k clusters, then merge them to k
@@ -70,6 +74,8 @@ class Params:
             raise ConfigError(f"core_fraction must be in (0, 1], got {self.core_fraction}")
         if self.max_points_per_centroid < 1:
             raise ConfigError(f"max_points_per_centroid must be >= 1, got {self.max_points_per_centroid}")
+        if self.same_photo < 0:
+            raise ConfigError(f"same_photo must be >= 0, got {self.same_photo}")
         if self.pca_dim < 0:
             raise ConfigError(f"pca_dim must be >= 0, got {self.pca_dim}")
         if not 1 <= self.overcluster <= MAX_K // self.k:
@@ -81,12 +87,13 @@ class Params:
 def key_params(cfg) -> dict:
     # settings at what version 1 did are left out, so keys made before they existed stay valid
     params = dataclasses.asdict(cfg.cluster)
-    legacy = {"pca_dim": 0, "whiten": False, "overcluster": 1, "reliability": "distance"}
+    legacy = {"pca_dim": 0, "whiten": False, "overcluster": 1, "reliability": "distance", "same_photo": 0.0}
     if not params["pca_dim"]:  # whitening is part of the projection
         params["whiten"] = False
     params = {name: value for name, value in params.items() if legacy.get(name, object()) != value}
     if params["method"] == "kmeans":  # k-means keys made before `spectral` existed stay valid
         del params["method"]
+        params.pop("same_photo", None)  # k-means has no graph
         if not ({"overcluster", "reliability"} & set(params)):
             del params["neighbours"]
     return {**params, "seed": cfg.seed}
@@ -102,13 +109,14 @@ def check_counts(params: Params, counts: dict[str, dict]) -> None:
 
 def run(ctx: Context, params: Params) -> dict:
     vectors = np.ascontiguousarray(load_embeddings(ctx.upstream["embed"]), dtype=np.float32)
+    photos = embedding_rows(ctx.upstream["embed"])[0]
     if len(vectors) < params.k:
         raise InputError(f"cluster.k={params.k} but only {len(vectors)} objects were found; lower cluster.k "
                          f"or lower objects.min_area")
     started = time.perf_counter()
     method = resolved_method(params.method, len(vectors))
     unit = projected(vectors, params)
-    centroids, assignment, distance = clustered(unit, params, ctx.cfg.seed)
+    centroids, assignment, distance = clustered(unit, photos, params, ctx.cfg.seed)
     core = core_mask(assignment, unreliability(unit, assignment, distance, params), params.k, params.core_fraction)
     save_clusters(ctx.out, centroids, Clusters(assignment, distance, core))
     sizes = np.bincount(assignment, minlength=params.k)
@@ -141,13 +149,14 @@ def projected(vectors: np.ndarray, params: Params) -> np.ndarray:
     return _unit(pca.apply(vectors))
 
 
-def clustered(unit: np.ndarray, params: Params, seed: int):
-    """What the method returns, after over-clustering and merging when `overcluster` > 1."""
+def clustered(unit: np.ndarray, photos: np.ndarray, params: Params, seed: int):
+    """What the method returns for the vectors (`photos`: each one's photo), after over-clustering and
+    merging when `overcluster` > 1."""
     method = METHODS[resolved_method(params.method, len(unit))]
     if params.overcluster == 1:
-        return method(unit, params, seed)
+        return method(unit, photos, params, seed)
     fine = dataclasses.replace(params, k=min(params.k * params.overcluster, len(unit)), overcluster=1)
-    assignment = merged(unit, method(unit, fine, seed)[1], params, seed)
+    assignment = merged(unit, method(unit, photos, fine, seed)[1], params, seed)
     return members_centroids(unit, assignment, params.k)
 
 
@@ -186,8 +195,9 @@ def unreliability(unit: np.ndarray, assignment: np.ndarray, distance: np.ndarray
     return rank
 
 
-def spherical_kmeans(vectors: np.ndarray, params: Params, seed: int):
-    """(centroids (k, d), assignment (n,) int32, cosine distance to the assigned centroid (n,) float32)."""
+def spherical_kmeans(vectors: np.ndarray, photos: np.ndarray | None, params: Params, seed: int):
+    """(centroids (k, d), assignment (n,) int32, cosine distance to the assigned centroid (n,) float32);
+    `photos` is not used: k-means has no graph to join a photo's objects in."""
     kmeans = faiss.Kmeans(vectors.shape[1], params.k, niter=params.niter, nredo=params.nredo, seed=seed,
                           spherical=True, max_points_per_centroid=params.max_points_per_centroid,
                           min_points_per_centroid=1, verbose=False)
@@ -199,14 +209,25 @@ def spherical_kmeans(vectors: np.ndarray, params: Params, seed: int):
     return centroids.astype(np.float32), nearest[:, 0].astype(np.int32), (1.0 - similarity[:, 0]).astype(np.float32)
 
 
-def spectral(vectors: np.ndarray, params: Params, seed: int):
+def spectral(vectors: np.ndarray, photos: np.ndarray | None, params: Params, seed: int):
     """Spectral clustering as scikit-learn's `SpectralClustering(affinity="nearest_neighbors")` does it,
     with faiss for the neighbour search and the k-means: leading eigenvectors of the normalised graph,
     scaled by the inverse square root of each object's degree, grouped by k-means from k-means++ seeds.
     Returns what `spherical_kmeans` returns, with each centroid the normalised mean of its members."""
     unit = _unit(vectors)
     graph = neighbour_graph(unit, min(params.neighbours, len(unit)))
+    if params.same_photo and photos is not None:
+        graph = graph + params.same_photo * same_photo_graph(photos)
     return members_centroids(unit, graph_partition(graph, params, seed), params.k)
+
+
+def same_photo_graph(photos: np.ndarray) -> scipy.sparse.csr_matrix:
+    """1 between every two objects of one photo (`photos`: each object's photo index), 0 elsewhere."""
+    member = scipy.sparse.csr_matrix((np.ones(len(photos)), (np.arange(len(photos)), photos)))
+    same = (member @ member.T).tocsr()
+    same.setdiag(0)
+    same.eliminate_zeros()
+    return same
 
 
 def graph_partition(graph: scipy.sparse.csr_matrix, params: Params, seed: int) -> np.ndarray:
@@ -259,9 +280,9 @@ def neighbour_graph(unit: np.ndarray, neighbours: int) -> scipy.sparse.csr_matri
     return (connectivity + connectivity.T) * 0.5
 
 
-def auto(vectors: np.ndarray, params: Params, seed: int):
+def auto(vectors: np.ndarray, photos: np.ndarray | None, params: Params, seed: int):
     """spectral up to SPECTRAL_MAX_OBJECTS objects, spherical k-means beyond."""
-    return METHODS[resolved_method("auto", len(vectors))](vectors, params, seed)
+    return METHODS[resolved_method("auto", len(vectors))](vectors, photos, params, seed)
 
 
 METHODS = {"auto": auto, "kmeans": spherical_kmeans, "spectral": spectral}
