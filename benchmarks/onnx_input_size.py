@@ -2,18 +2,20 @@
 
     python benchmarks/onnx_input_size.py --model ../shared/models/isnet_fp16.onnx \
         --images ../shared/data/voc12-trainaug-330/images --labels ../shared/data/voc12-trainaug-330/labels \
-        [--count 60] [--sizes 1024,768,640,512] [--int8 1024,640]
+        [--count 60] [--sizes 1024,768,640,512] [--int8 1024,640] [--ranges mean,extreme] [--draws 3]
 
 For every setting, the saliency stage's own predictor (float32 on the CPU, the graph scaled to the input
 size by `stages.saliency.at_input_size`) runs on the same photos, interleaved photo by photo so that load on
 the machine hits every setting alike. Prints seconds per photo, foreground IoU against the labels (dataset
 level, as `evaluate` reports it; label 255 ignored) and mask agreement with the first size. `--int8` adds the
 stage's static int8 quantisation (`saliency.precision=int8`) at those sizes, calibrated as the stage does on
-`--calibration` photos of the whole folder (those whose fingerprints hash lowest).
+`--calibration` photos of the whole folder (those whose fingerprints hash lowest), and with `--draws` on
+random sets of as many photos, to show how much the masks depend on which photos calibrate.
 """
 from __future__ import annotations
 
 import argparse
+import random
 import sys
 import tempfile
 import time
@@ -31,11 +33,11 @@ from pipeline.outputs import IGNORE  # noqa: E402
 from stages.saliency import Params, _OnnxSaliency, calibration_photos, quantize_int8  # noqa: E402
 
 
-def quantized(model_path: str, side: int, photos: list, path: Path) -> _OnnxSaliency:
+def quantized(model_path: str, side: int, photos: list, path: Path, ranges: str) -> _OnnxSaliency:
     """The stage's int8 predictor: its float32 graph quantised with ranges from `photos`."""
     params = Params(method="onnx", model=model_path, input_size=side)
     float32 = _OnnxSaliency(params, torch.device("cpu"))
-    quantize_int8(float32, [float32.input(load_rgb(r.path)) for r in photos], path)
+    quantize_int8(float32, [float32.input(load_rgb(r.path)) for r in photos], path, ranges)
     return _OnnxSaliency(params, torch.device("cpu"), path)
 
 
@@ -48,6 +50,10 @@ def main() -> None:
     parser.add_argument("--sizes", default="1024,768,640,512")
     parser.add_argument("--int8", default="", help="sizes to also run int8-quantised, e.g. 1024,640")
     parser.add_argument("--calibration", type=int, default=Params.calibration)
+    parser.add_argument("--ranges", default="mean", help="int8 activation ranges over the calibration photos: "
+                        "mean (the stage's) and/or extreme (ONNX Runtime's default), e.g. mean,extreme")
+    parser.add_argument("--draws", type=int, default=0, help="also calibrate on this many random sets of "
+                        "--calibration photos (seeds 1..N), besides the stage's own set")
     args = parser.parse_args()
     folder = list_images(args.images, hash_content=True)  # the calibration photos of `--hash-content` runs
     records = folder[:args.count]
@@ -55,9 +61,14 @@ def main() -> None:
     settings = {f"float32 {side}": _OnnxSaliency(Params(method="onnx", model=args.model, input_size=int(side)),
                                                  torch.device("cpu")) for side in args.sizes.split(",")}
     with tempfile.TemporaryDirectory() as scratch:
+        sets = {"": calibration_photos(folder, args.calibration)}
+        sets.update({f" draw {seed}": random.Random(seed).sample(folder, args.calibration)
+                     for seed in range(1, args.draws + 1)})
         for side in filter(None, args.int8.split(",")):
-            settings[f"int8 {side}"] = quantized(args.model, int(side), calibration_photos(folder, args.calibration),
-                                                 Path(scratch) / f"int8-{side}.onnx")
+            for ranges in args.ranges.split(","):
+                for draw, photos in sets.items():
+                    name = f"int8 {side} {ranges}{draw}"
+                    settings[name] = quantized(args.model, int(side), photos, Path(scratch) / f"{name}.onnx", ranges)
         seconds = dict.fromkeys(settings, 0.0)
         overlap = {name: [0, 0] for name in settings}  # intersection, union with the labels' foreground
         agreement = {name: [] for name in settings}
@@ -75,9 +86,9 @@ def main() -> None:
                 union = (mask | first).sum()
                 agreement[name].append((mask & first).sum() / union if union else 1.0)
     print(f"{len(records)} photos, {torch.get_num_threads()} threads")
-    print(f"{'setting':<14} {'s/photo':>8} {'fg IoU':>7} {'IoU with ' + next(iter(settings)):>24}")
+    print(f"{'setting':<27} {'s/photo':>8} {'fg IoU':>7} {'IoU with ' + next(iter(settings)):>24}")
     for name in settings:
-        print(f"{name:<14} {seconds[name] / len(records):8.3f} {overlap[name][0] / overlap[name][1]:7.4f} "
+        print(f"{name:<27} {seconds[name] / len(records):8.3f} {overlap[name][0] / overlap[name][1]:7.4f} "
               f"{np.mean(agreement[name]):24.4f}")
 
 

@@ -506,6 +506,7 @@ def _made_onnx(ctx: Context, params: Params) -> tuple[list[dict], dict]:
 
     photos = calibration_photos(ctx.images, params.calibration)
     model_key = stable_hash({"model": key_params(ctx.cfg), "calibration": sorted(r.fingerprint for r in photos),
+                             "ranges": "mean",  # 865c113's int8 models took the extreme (min, max): not reused
                              "onnxruntime": onnxruntime.__version__})  # its quantiser decides which operators to quantise
     path = _int8_file(ctx.store, model_key)
 
@@ -536,11 +537,15 @@ def _int8_file(store, model_key: str) -> Path:
     return store.items("saliency") / f"int8-{model_key}.onnx"
 
 
-def quantize_int8(float32: _OnnxSaliency, inputs: list[np.ndarray], path: Path) -> None:
+def quantize_int8(float32: _OnnxSaliency, inputs: list[np.ndarray], path: Path, ranges: str = "mean") -> None:
     """ONNX Runtime's static quantisation of the float32 graph, stored at `path`: weights int8 per output channel,
-    activations uint8 with the ranges (min to max) they take on `inputs`, as QuantizeLinear/DequantizeLinear pairs
-    that its CPU kernels fuse into int8 convolutions. Dynamic quantisation, which needs no calibration, was 4.3x
-    slower than float32 on ISNet (README)."""
+    activations uint8, as QuantizeLinear/DequantizeLinear pairs that its CPU kernels fuse into int8 convolutions.
+    Each activation's range is the mean over `inputs` of its per-photo (min, max); `ranges="extreme"` (ONNX
+    Runtime's default, kept for benchmarks/onnx_input_size.py) takes the extreme over them, which lets one photo's
+    outliers coarsen every photo's steps (README, "ONNX saliency"). Dynamic quantisation, which needs no
+    calibration, was 4.3x slower than float32 on ISNet."""
+    if ranges not in ("mean", "extreme"):
+        raise ValueError(f"ranges must be mean or extreme, got {ranges!r}")
     import tempfile
 
     from onnxruntime.quantization import CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType, quantize_static
@@ -560,7 +565,8 @@ def quantize_int8(float32: _OnnxSaliency, inputs: list[np.ndarray], path: Path) 
         quant_pre_process(str(source), str(prepared), skip_symbolic_shape=True)  # shapes inferred, graph fused first
         atomic_write(path, lambda tmp: quantize_static(
             str(prepared), str(tmp), Inputs(), quant_format=QuantFormat.QDQ, per_channel=True,
-            activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, calibrate_method=CalibrationMethod.MinMax))
+            activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, calibrate_method=CalibrationMethod.MinMax,
+            extra_options={"CalibMovingAverage": ranges == "mean"}))
 
 
 def at_input_size(model, native: int, side: int, name: str):
