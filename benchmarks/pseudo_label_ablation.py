@@ -33,7 +33,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 V1 = ["cluster.method=kmeans", "objects.crop_size=224", "embed.views=[context]", "embed.flip=false",
       "embed.layers=1", "cluster.pca_dim=0", "cluster.whiten=false", "cluster.overcluster=1",
       "cluster.reliability=distance", "cluster.core_fraction=0.8", "objects.small_components=ignore",
-      "objects.refine.method=none"]
+      "objects.refine.method=none", "cluster.neighbours=30", "cluster.same_photo=0"]
 SPECTRAL = [*V1, "cluster.method=spectral"]
 ROWS = {
     "v1 k-means": V1,
@@ -55,6 +55,7 @@ ROWS = {
     "+ overcluster 2": [*SPECTRAL, "cluster.overcluster=2"],
     "+ reliability neighbours": [*SPECTRAL, "cluster.reliability=neighbours"],
     "+ core_fraction 1 (no ignore)": [*SPECTRAL, "cluster.core_fraction=1.0"],
+    "+ same-photo edges": [*SPECTRAL, "cluster.same_photo=1"],
     "+ small components to nearest object": [*SPECTRAL, "objects.small_components=nearest"],
     "+ small components to background": [*SPECTRAL, "objects.small_components=background"],
     "+ refine guided": [*SPECTRAL, "objects.refine.method=guided"],

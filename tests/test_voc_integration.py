@@ -35,7 +35,7 @@ def test_isnet_saliency_and_mobilenet_embeddings_on_voc_photos(voc_images, tmp_p
         assert metrics["images_evaluated"] == 6 and 0.0 < metrics["miou"] <= 1.0
         found[precision] = metrics["saliency_foreground"]["iou"]
     assert found["float32"] > 0.6  # ISNet finds VOC's objects (0.79 on 8 photos, models README)
-    assert abs(found["int8"] - found["float32"]) < 0.02  # VOC-330: 0.637 float32 (README)
+    assert abs(found["int8"] - found["float32"]) < 0.02  # VOC-330: 0.6365 against 0.6369 (README)
 
 
 def test_spectral_saliency_on_voc_photos(voc_images, tmp_path):
