@@ -33,7 +33,8 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 V1 = ["cluster.method=kmeans", "objects.crop_size=224", "embed.views=[context]", "embed.flip=false",
       "embed.layers=1", "cluster.pca_dim=0", "cluster.whiten=false", "cluster.overcluster=1",
       "cluster.reliability=distance", "cluster.core_fraction=0.8", "objects.small_components=ignore",
-      "objects.refine.method=none", "cluster.neighbours=30", "cluster.same_photo=0"]
+      "objects.refine.method=none", "cluster.neighbours=30", "cluster.same_photo=0",
+      "embed.pooling=[crop]"]
 SPECTRAL = [*V1, "cluster.method=spectral"]
 ROWS = {
     "v1 k-means": V1,
@@ -47,6 +48,7 @@ ROWS = {
     "+ flip": [*SPECTRAL, "embed.flip=true"],
     "+ 2 layers": [*SPECTRAL, "embed.layers=2"],
     "+ 3 layers": [*SPECTRAL, "embed.layers=3"],
+    "+ object pooling": [*SPECTRAL, "embed.pooling=[crop,object]"],
     "+ margin 0": [*SPECTRAL, "objects.margin=0.0"],
     "+ margin 0.2": [*SPECTRAL, "objects.margin=0.2"],
     "+ PCA 50": [*SPECTRAL, "cluster.pca_dim=50"],

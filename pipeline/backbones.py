@@ -243,6 +243,23 @@ class Backbone(nn.Module):
             return self.trunk.forward_features(x)[:, 0]
         return self._final_features(x).mean(dim=(2, 3))
 
+    def crop_and_object_vectors(self, images: torch.Tensor, masks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(N, dim) twice: what `forward` returns, and the last feature map averaged over each image's object,
+        `masks` (N, H, W) in [0, 1] weighing each feature cell by the share of it the object covers (ViTs: the
+        normalised patch tokens). The map's cells have seen the context either way."""
+        x = self._normalize(images)
+        if self.family == "vit":
+            tokens = self.trunk.forward_features(x)
+            crop = tokens[:, 0]
+            grid = (x.shape[2] // self.patch_stride, x.shape[3] // self.patch_stride)
+            cells = tokens[:, self.trunk.num_prefix_tokens:].transpose(1, 2).reshape(len(x), self.dim, *grid)
+        else:
+            cells = self._final_features(x)
+            crop = cells.mean(dim=(2, 3))
+        weights = nn.functional.adaptive_avg_pool2d(masks[:, None].float(), cells.shape[2:]).to(cells.dtype)
+        pooled = (cells * weights).sum(dim=(2, 3)) / weights.sum(dim=(2, 3)).clamp_min(1e-6)
+        return crop, pooled
+
     def patch_features(self, images: torch.Tensor, levels: int = 1) -> torch.Tensor:
         """(N, C, H/patch_stride, W/patch_stride) features for saliency: last-block keys for ViTs (as
         TokenCut and Deep Spectral Methods use); for CNNs the stride-16 map, whose affinity graph separated

@@ -3,9 +3,12 @@
 The vector describes the object rather than its box: each of the `views` of the crop is embedded
 (`context`: the box as cut, margin included; `grey`: pixels of no object greyed out; `blur`: those
 pixels blurred, keeping the scene's colours but not its shapes), and with `flip` each view mirrored
-too; the views' vectors are averaged. With `layers` > 1 the vector joins the pooled features of the
-trunk's last stages (earlier stages describe parts and textures the last one abstracts away), each
-L2-normalised so that every stage counts alike.
+too; the views' vectors are averaged. `pooling` says what of the last feature map each view gives:
+`crop` its average over the whole crop (CNNs; ViTs: the CLS token), `object` its average over the
+object's own cells (mask pooling, as mask-based segmenters such as ODISE pool features; the cells have
+seen the context), both by default, averaged as views are. With `layers` > 1 the vector joins the
+pooled features of the trunk's last stages (earlier stages describe parts and textures the last one
+abstracts away), each L2-normalised so that every stage counts alike.
 
 Crops are cut and resized in DataLoader workers; the backbone runs in `eval()` under
 `inference_mode` (AMP on GPU). Vectors stream to `.npy` shards of `shard_images` images, each
@@ -34,7 +37,8 @@ VERSION = 1
 VIEWS = ("context", "grey", "blur")
 GREY = (124, 116, 104)  # ImageNet's mean colour: what the backbone's normalisation maps to zero
 BLUR_SIGMA = 0.1  # of the crop's side: the background keeps its colours, loses its shapes
-LEGACY = {"views": ("context",), "flip": False, "layers": 1}  # what version 1 computed
+POOLINGS = ("crop", "object")
+LEGACY = {"views": ("context",), "flip": False, "layers": 1, "pooling": ("crop",)}  # what version 1 computed
 
 
 @dataclasses.dataclass(frozen=True)
@@ -44,6 +48,7 @@ class Params:
     views: tuple[str, ...] = ("context",)  # of each object, averaged: context | grey | blur
     flip: bool = False  # average each view with its mirror image
     layers: int = 1  # pooled features of this many of the trunk's last stages, concatenated
+    pooling: tuple[str, ...] = ("crop", "object")  # of the last feature map, averaged: crop | object
 
     def __post_init__(self):
         if self.batch_size < 1:
@@ -54,6 +59,10 @@ class Params:
             raise ConfigError(f"views must be distinct names from {', '.join(VIEWS)}, got {list(self.views)}")
         if self.layers < 1:
             raise ConfigError(f"layers must be >= 1, got {self.layers}")
+        if not self.pooling or not set(self.pooling) <= set(POOLINGS) or len(set(self.pooling)) < len(self.pooling):
+            raise ConfigError(f"pooling must be distinct names from {', '.join(POOLINGS)}, got {list(self.pooling)}")
+        if self.layers > 1 and "object" in self.pooling:
+            raise ConfigError("embed.layers > 1 pools whole stages: set embed.pooling=[crop] with it")
 
 
 def key_params(cfg) -> dict:
@@ -125,15 +134,23 @@ def _made(ctx: Context, params: Params) -> tuple[list[dict], dict, int]:
 
 @torch.inference_mode()
 def _forward(backbone, crops: torch.Tensor, device: torch.device, params: Params) -> np.ndarray:
-    """(objects, dim) unit vectors of (objects, views, 3, S, S) crops: each view (and its mirror) embedded,
-    the vectors averaged."""
+    """(objects, dim) unit vectors of (objects, views, 4, S, S) crops, RGB and the object's mask: each view
+    (and its mirror) embedded as each pooling, the unit vectors averaged."""
     objects, views = crops.shape[:2]
     x = crops.flatten(0, 1).to(device, non_blocking=True)
     if params.flip:
         x = torch.cat([x, x.flip(-1)])
+    images, masks = x[:, :3], x[:, 3] / 255.0
     with autocast(device):
-        vectors = backbone(x) if params.layers == 1 else _stage_features(backbone, x, params.layers)
-    vectors = F.normalize(vectors.float(), dim=1).view(-1, objects, views, vectors.shape[1]).mean(dim=(0, 2))
+        if params.layers > 1:
+            pooled = [_stage_features(backbone, images, params.layers)]
+        elif params.pooling == ("crop",):
+            pooled = [backbone(images)]
+        else:
+            crop, inside = backbone.crop_and_object_vectors(images, masks)
+            pooled = [{"crop": crop, "object": inside}[name] for name in params.pooling]
+    vectors = torch.stack([F.normalize(v.float(), dim=1) for v in pooled])  # (poolings, flips x objects x views, dim)
+    vectors = vectors.view(len(pooled), -1, objects, views, vectors.shape[-1]).mean(dim=(0, 1, 3))
     return F.normalize(vectors, dim=1).cpu().numpy()
 
 
@@ -164,8 +181,8 @@ def _stage_features(backbone, x: torch.Tensor, layers: int) -> torch.Tensor:
 
 
 class _CropViews:
-    """Cuts each object's box out of the decoded image as each of `views`, resized to a square crop;
-    (objects, views, 3, size, size) uint8 (runs in the workers)."""
+    """Cuts each object's box out of the decoded image as each of `views`, resized to a square crop, with
+    the object's mask (0 / 255) as a fourth channel; (objects, views, 4, size, size) uint8 (runs in the workers)."""
 
     def __init__(self, object_files: list, size: int, views: tuple[str, ...]):
         self.object_files, self.size, self.views = object_files, size, views
@@ -176,7 +193,9 @@ class _CropViews:
         for object_id, (x0, y0, x1, y1) in enumerate(boxes, start=1):
             crop = rgb[y0:y1, x0:x1]
             inside = (object_map[y0:y1, x0:x1] == object_id)[..., None]
-            crops.append([self._resized(self._view(view, crop, inside)) for view in self.views])
+            mask = inside.astype(np.uint8) * 255
+            crops.append([self._resized(np.concatenate([self._view(view, crop, inside), mask], axis=2))
+                          for view in self.views])
         return torch.from_numpy(np.array(crops)).permute(0, 1, 4, 2, 3).contiguous()
 
     @staticmethod

@@ -94,17 +94,39 @@ def test_grey_and_blur_views_keep_the_object_and_hide_the_rest(tmp_path):
     path = tmp_path / "objects.npz"
     np.savez(path, object_map=object_map, boxes=boxes)
     crops = embed._CropViews([path], 64, ("context", "grey", "blur"))(0, photo).numpy()
-    assert crops.shape == (2, 3, 3, 64, 64) and crops.dtype == np.uint8
-    context, grey, blur = crops[1, 0], crops[1, 1], crops[1, 2]  # the disc, object 2
+    assert crops.shape == (2, 3, 4, 64, 64) and crops.dtype == np.uint8
+    context, grey, blur = crops[1, 0, :3], crops[1, 1, :3], crops[1, 2, :3]  # the disc, object 2
+    assert (crops[1, :, 3, 32, 32] == 255).all() and (crops[1, :, 3, :4, :4] == 0).all()  # its mask rides along
     corner = (slice(None), slice(0, 4), slice(0, 4))  # outside the disc
     assert (grey[corner] == np.array(embed.GREY)[:, None, None]).all()
     assert np.abs(grey[:, 32, 32].astype(int) - context[:, 32, 32]).max() <= 1  # the object itself is kept
     assert not (blur[corner] == grey[corner]).all() and blur[corner].std() < context[corner].std()
 
 
+@pytest.mark.parametrize("name", ["vit_tiny_random", "mobilenet_v2"])
+def test_object_pooling_averages_the_feature_cells_the_object_covers(name):
+    backbone = build_backbone(BackboneParams(name=name, weights="random" if name == "mobilenet_v2" else ""))
+    images = torch.randint(0, 256, (2, 3, 64, 64), dtype=torch.uint8)
+    masks = torch.zeros(2, 64, 64)
+    masks[0, :16, 16:32] = 1  # exactly cell (0, 1) of ViT-16's 4x4 grid, a quarter of MobileNetV2's cell (0, 0)
+    masks[1] = 1
+    crop, pooled = backbone.crop_and_object_vectors(images, masks)
+    torch.testing.assert_close(crop, backbone(images))
+    with torch.inference_mode():
+        x = backbone._normalize(images)
+        if name == "vit_tiny_random":
+            cells = backbone.trunk.forward_features(x)[:, backbone.trunk.num_prefix_tokens:]  # (2, 16, dim), row-major
+            first, whole = cells[0, 1], cells[1].mean(dim=0)
+        else:
+            cells = backbone._final_features(x)  # (2, 1280, 2, 2)
+            first, whole = cells[0, :, 0, 0], cells[1].mean(dim=(1, 2))
+    torch.testing.assert_close(pooled[0], first)
+    torch.testing.assert_close(pooled[1], whole)  # a mask over the whole crop pools as the crop does
+
+
 def test_flip_averaged_embeddings_are_the_same_for_a_mirrored_crop():
     backbone = build_backbone(BackboneParams(name="vit_tiny_random"))
-    crops = torch.randint(0, 256, (3, 2, 3, 64, 64), dtype=torch.uint8)
+    crops = torch.randint(0, 256, (3, 2, 4, 64, 64), dtype=torch.uint8)
     mirrored = crops.flip(-1)
     flip = embed.Params(views=("context", "grey"), flip=True)
     np.testing.assert_allclose(embed._forward(backbone, crops, torch.device("cpu"), flip),
@@ -117,8 +139,9 @@ def test_flip_averaged_embeddings_are_the_same_for_a_mirrored_crop():
 def test_layers_join_the_last_stages_each_normalised():
     backbone = build_backbone(BackboneParams(name="vit_tiny_random"))
     crops = torch.randint(0, 256, (4, 1, 3, 64, 64), dtype=torch.uint8)
-    last = embed._forward(backbone, crops, torch.device("cpu"), embed.Params())
-    both = embed._forward(backbone, crops, torch.device("cpu"), embed.Params(layers=2))
+    crops = torch.cat([crops, torch.full_like(crops[:, :, :1], 255)], dim=2)  # the masks channel
+    last = embed._forward(backbone, crops, torch.device("cpu"), embed.Params(pooling=("crop",)))
+    both = embed._forward(backbone, crops, torch.device("cpu"), embed.Params(layers=2, pooling=("crop",)))
     assert last.shape == (4, 48) and both.shape == (4, 96)
     np.testing.assert_allclose(both[:, 48:] * np.sqrt(2), last, atol=1e-5)  # the last block's part is the CLS vector
     np.testing.assert_allclose(np.linalg.norm(both[:, :48], axis=1), 1 / np.sqrt(2), atol=1e-5)
@@ -126,7 +149,7 @@ def test_layers_join_the_last_stages_each_normalised():
 
 def test_embeddings_of_two_lengths_share_a_workdir(images, tmp_path):
     for layers, dim in ((2, 96), (1, 48)):  # the second finds the first one's shard first
-        keys = runner.run(tiny_config(f"embed.layers={layers}"), images, tmp_path / "wd", start="embed", only=True, log=quiet)
+        keys = runner.run(tiny_config(f"embed.layers={layers}", "embed.pooling=[crop]"), images, tmp_path / "wd", start="embed", only=True, log=quiet)
         assert np.load(tmp_path / "wd" / "cache" / "embed" / keys["embed"] / "embeddings.npy").shape[1] == dim
 
 
@@ -209,7 +232,7 @@ def test_auto_is_spectral_where_affordable_and_kmeans_beyond():
 def test_settings_that_do_what_version_1_did_keep_its_keys():
     legacy = tiny_config("cluster.method=kmeans", "objects.small_components=ignore", "objects.refine.method=none",
                          "embed.views=[context]", "embed.flip=false", "embed.layers=1", "cluster.pca_dim=0",
-                         "cluster.overcluster=1", "cluster.reliability=distance")
+                         "cluster.overcluster=1", "cluster.reliability=distance", "embed.pooling=[crop]")
     assert set(objects.key_params(legacy)) == {"min_area", "margin", "max_objects", "one_box_per_image"}
     assert set(embed.key_params(legacy)) == {"backbone", "crop_size"}
     assert set(cluster.key_params(legacy)) == {"k", "niter", "nredo", "core_fraction", "max_points_per_centroid", "seed"}
@@ -217,11 +240,12 @@ def test_settings_that_do_what_version_1_did_keep_its_keys():
                           "cluster.method=kmeans", "cluster.reliability=neighbours")
     assert objects.key_params(changed)["refine"]["method"] == "guided"
     assert embed.key_params(changed)["views"] == ["context", "grey"]
+    assert embed.key_params(changed)["pooling"] == ["crop", "object"]  # the default since version 1's keys
     assert cluster.key_params(changed)["pca_dim"] == 8 and "neighbours" in cluster.key_params(changed)
 
 
 ALL_ON = ("objects.refine.method=guided", "objects.small_components=nearest", "embed.views=[context,grey]",
-          "embed.flip=true", "embed.layers=2", "cluster.method=auto", "cluster.pca_dim=8", "cluster.whiten=true",
+          "embed.flip=true", "embed.pooling=[crop,object]", "cluster.method=auto", "cluster.pca_dim=8", "cluster.whiten=true",
           "cluster.overcluster=2", "cluster.reliability=neighbours", "cluster.neighbours=5")
 
 
