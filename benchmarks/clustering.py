@@ -56,7 +56,7 @@ SPEEDUP_GOAL = 20
 
 
 def faiss_kmeans(vectors: np.ndarray, k: int, seed: int) -> np.ndarray:
-    return cluster.spherical_kmeans(vectors, None, cluster.Params(k=k), seed)[1]
+    return cluster.spherical_kmeans(vectors, cluster.Params(k=k), seed)[1]
 
 
 def sklearn_kmeans(vectors: np.ndarray, k: int, seed: int) -> np.ndarray:
@@ -70,7 +70,7 @@ def spectral(vectors: np.ndarray, k: int, seed: int) -> np.ndarray:
 
 
 def faiss_spectral(vectors: np.ndarray, k: int, seed: int) -> np.ndarray:
-    return cluster.spectral(vectors, None, cluster.Params(k=k, method="spectral"), seed)[1]
+    return cluster.spectral(vectors, cluster.Params(k=k, method="spectral"), seed)[1]
 
 
 METHODS = {"faiss": faiss_kmeans, "faiss-spectral": faiss_spectral, "kmeans": sklearn_kmeans, "spectral": spectral}

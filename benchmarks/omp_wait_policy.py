@@ -39,7 +39,7 @@ workload, size = sys.argv[2], int(sys.argv[3])
 if workload == "kmeans":
     x = np.random.default_rng(0).normal(size=(size, 384)).astype(np.float32)
     x /= np.linalg.norm(x, axis=1, keepdims=True)
-    call = lambda: cluster.spherical_kmeans(x, None, cluster.Params(k=20), 0)
+    call = lambda: cluster.spherical_kmeans(x, cluster.Params(k=20), 0)
 else:
     backbone = build_backbone(BackboneParams("dino_vits16", RANDOM))
     crops = torch.randint(0, 256, (size, 3, 224, 224), dtype=torch.uint8)

@@ -116,7 +116,7 @@ def run(ctx: Context, params: Params) -> dict:
     started = time.perf_counter()
     method = resolved_method(params.method, len(vectors))
     unit = projected(vectors, params)
-    centroids, assignment, distance = clustered(unit, photos, params, ctx.cfg.seed)
+    centroids, assignment, distance = clustered(unit, params, ctx.cfg.seed, photos)
     core = core_mask(assignment, unreliability(unit, assignment, distance, params), params.k, params.core_fraction)
     save_clusters(ctx.out, centroids, Clusters(assignment, distance, core))
     sizes = np.bincount(assignment, minlength=params.k)
@@ -149,14 +149,14 @@ def projected(vectors: np.ndarray, params: Params) -> np.ndarray:
     return _unit(pca.apply(vectors))
 
 
-def clustered(unit: np.ndarray, photos: np.ndarray, params: Params, seed: int):
+def clustered(unit: np.ndarray, params: Params, seed: int, photos: np.ndarray | None = None):
     """What the method returns for the vectors (`photos`: each one's photo), after over-clustering and
     merging when `overcluster` > 1."""
     method = METHODS[resolved_method(params.method, len(unit))]
     if params.overcluster == 1:
-        return method(unit, photos, params, seed)
+        return method(unit, params, seed, photos)
     fine = dataclasses.replace(params, k=min(params.k * params.overcluster, len(unit)), overcluster=1)
-    assignment = merged(unit, method(unit, photos, fine, seed)[1], params, seed)
+    assignment = merged(unit, method(unit, fine, seed, photos)[1], params, seed)
     return members_centroids(unit, assignment, params.k)
 
 
@@ -195,7 +195,7 @@ def unreliability(unit: np.ndarray, assignment: np.ndarray, distance: np.ndarray
     return rank
 
 
-def spherical_kmeans(vectors: np.ndarray, photos: np.ndarray | None, params: Params, seed: int):
+def spherical_kmeans(vectors: np.ndarray, params: Params, seed: int, photos: np.ndarray | None = None):
     """(centroids (k, d), assignment (n,) int32, cosine distance to the assigned centroid (n,) float32);
     `photos` is not used: k-means has no graph to join a photo's objects in."""
     kmeans = faiss.Kmeans(vectors.shape[1], params.k, niter=params.niter, nredo=params.nredo, seed=seed,
@@ -209,7 +209,7 @@ def spherical_kmeans(vectors: np.ndarray, photos: np.ndarray | None, params: Par
     return centroids.astype(np.float32), nearest[:, 0].astype(np.int32), (1.0 - similarity[:, 0]).astype(np.float32)
 
 
-def spectral(vectors: np.ndarray, photos: np.ndarray | None, params: Params, seed: int):
+def spectral(vectors: np.ndarray, params: Params, seed: int, photos: np.ndarray | None = None):
     """Spectral clustering as scikit-learn's `SpectralClustering(affinity="nearest_neighbors")` does it,
     with faiss for the neighbour search and the k-means: leading eigenvectors of the normalised graph,
     scaled by the inverse square root of each object's degree, grouped by k-means from k-means++ seeds.
@@ -280,9 +280,9 @@ def neighbour_graph(unit: np.ndarray, neighbours: int) -> scipy.sparse.csr_matri
     return (connectivity + connectivity.T) * 0.5
 
 
-def auto(vectors: np.ndarray, photos: np.ndarray | None, params: Params, seed: int):
+def auto(vectors: np.ndarray, params: Params, seed: int, photos: np.ndarray | None = None):
     """spectral up to SPECTRAL_MAX_OBJECTS objects, spherical k-means beyond."""
-    return METHODS[resolved_method("auto", len(vectors))](vectors, photos, params, seed)
+    return METHODS[resolved_method("auto", len(vectors))](vectors, params, seed, photos)
 
 
 METHODS = {"auto": auto, "kmeans": spherical_kmeans, "spectral": spectral}

@@ -24,7 +24,7 @@ faiss.omp_set_num_threads(3)
 torch.set_num_threads(1)
 x = np.random.default_rng(0).normal(size=(3000, 32)).astype(np.float32)
 x /= np.linalg.norm(x, axis=1, keepdims=True)
-centroids, assignment, distance = cluster.spherical_kmeans(x, None, cluster.Params(k=7), 0)
+centroids, assignment, distance = cluster.spherical_kmeans(x, cluster.Params(k=7), 0)
 print(json.dumps({"faiss_threads": faiss.omp_get_max_threads(),
                   "assignment": hashlib.sha256(assignment.tobytes()).hexdigest(),
                   "distance": distance.round(5).tolist()[:50]}))

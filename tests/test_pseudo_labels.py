@@ -171,7 +171,7 @@ def test_whitening_separates_two_clusters_that_kmeans_alone_splits_by_a_nuisance
 
     def kmeans(**projection):
         params = cluster.Params(k=2, method="kmeans", nredo=3, **projection)
-        return cluster.spherical_kmeans(cluster.projected(unit, params), None, params, 0)[1]
+        return cluster.spherical_kmeans(cluster.projected(unit, params), params, 0)[1]
 
     assert purity(kmeans(pca_dim=0)) < 0.6 and purity(kmeans(pca_dim=4, whiten=False)) < 0.6  # reducing alone keeps the nuisance
     assert purity(kmeans(pca_dim=4, whiten=True)) > 0.95
@@ -195,8 +195,8 @@ def test_overclusters_merged_along_the_neighbour_graph_follow_the_rings():
     def purity(assignment):
         return sum(np.bincount(ring[assignment == c]).max() for c in np.unique(assignment)) / len(ring)
 
-    plain = cluster.clustered(vectors, None, cluster.Params(k=2, method="kmeans"), 0)[1]
-    merged = cluster.clustered(vectors, None, cluster.Params(k=2, method="kmeans", overcluster=40, neighbours=10), 0)
+    plain = cluster.clustered(vectors, cluster.Params(k=2, method="kmeans"), 0)[1]
+    merged = cluster.clustered(vectors, cluster.Params(k=2, method="kmeans", overcluster=40, neighbours=10), 0)
     centroids, assignment, distance = merged
     assert purity(plain) < 0.7 and purity(assignment) == 1.0
     assert centroids.shape == (2, 3) and set(assignment.tolist()) == {0, 1}
@@ -273,8 +273,8 @@ def test_same_photo_edges_join_an_objects_fragments_to_the_photo_they_come_from(
     fragments = np.array([0.45, 0.55, 0.0]) + rng.normal(0, 0.02, (4, 3))
     unit = cluster._unit(np.concatenate([a, b, fragments]))
     photos = np.concatenate([np.arange(24), np.arange(4)])  # fragment i is in A's photo i
-    with_photos = cluster.spectral(unit, photos, cluster.Params(k=2, neighbours=6, same_photo=1.0), 0)[1]
-    without = cluster.spectral(unit, photos, cluster.Params(k=2, neighbours=6, same_photo=0.0), 0)[1]
+    with_photos = cluster.spectral(unit, cluster.Params(k=2, neighbours=6, same_photo=1.0), 0, photos)[1]
+    without = cluster.spectral(unit, cluster.Params(k=2, neighbours=6, same_photo=0.0), 0, photos)[1]
     for assignment in (with_photos, without):
         assert len(set(assignment[:12])) == 1 and len(set(assignment[12:24])) == 1 and assignment[0] != assignment[12]
     assert (without[24:] == without[12]).all() and (with_photos[24:] == with_photos[0]).all()

@@ -184,8 +184,8 @@ def test_clustering_is_seeded_respects_k_and_finds_separated_clusters(method):
     centers = np.eye(8, 16, dtype=np.float32)[:5]
     vectors = _blobs(40, centers)
     params = cluster.Params(k=5, niter=30, nredo=3, method=method, neighbours=10)
-    c1, a1, d1 = cluster.METHODS[method](vectors, None, params, seed=0)
-    c2, a2, d2 = cluster.METHODS[method](vectors, None, params, seed=0)
+    c1, a1, d1 = cluster.METHODS[method](vectors, params, seed=0)
+    c2, a2, d2 = cluster.METHODS[method](vectors, params, seed=0)
     assert np.array_equal(a1, a2) and np.array_equal(c1, c2) and np.array_equal(d1, d2)
     assert c1.shape == (5, 16) and set(a1.tolist()) == set(range(5))
     for blob in range(5):  # each true blob lands in one cluster
@@ -206,8 +206,8 @@ def test_spectral_clustering_follows_rings_that_kmeans_cuts_across():
     def purity(assignment):
         return sum(np.bincount(ring[assignment == c]).max() for c in np.unique(assignment)) / len(ring)
 
-    spectral = cluster.spectral(vectors, None, cluster.Params(k=2, method="spectral"), seed=0)[1]
-    kmeans = cluster.spherical_kmeans(vectors, None, cluster.Params(k=2), seed=0)[1]
+    spectral = cluster.spectral(vectors, cluster.Params(k=2, method="spectral"), seed=0)[1]
+    kmeans = cluster.spherical_kmeans(vectors, cluster.Params(k=2), seed=0)[1]
     assert purity(spectral) == 1.0 and purity(kmeans) < 0.7
 
 
