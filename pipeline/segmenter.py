@@ -18,7 +18,7 @@ from torch import nn
 
 from pipeline.artifacts import atomic_write
 from pipeline.backbones import IMAGENET_MEAN, IMAGENET_STD, BackboneParams, build_trunk
-from pipeline.errors import InputError
+from pipeline.errors import ConfigError, InputError
 from pipeline.refine import RefineParams, refine_scores
 
 FORMAT = "objseg.segmenter/4"  # 2: MobileNetV2 heads read 320 channels; 3: predict_size replaces base_size;
@@ -58,23 +58,51 @@ class Segmenter(nn.Module):
             self.trunk.to(memory_format=torch.channels_last)
         self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
+        self.tuned_blocks = 0  # the trunk's last blocks, run on the views' features rather than in them (`split`)
+
+    def split(self, blocks: int) -> None:
+        """Move the trunk's last `blocks` blocks from `view_features` to `top`, which `logits` runs on the
+        views first: a frozen-trunk recipe can then cache the features before them and train them with the
+        head. The network's function and state dict do not change."""
+        if blocks and self.family == "vit":  # a crop of patch tokens would lose the class token they attend to
+            raise ConfigError("train.tuned_blocks needs a convolutional trunk (mobilenet_v2 or a resnet), not a ViT")
+        if blocks and not 0 < blocks < len(self._blocks()):
+            raise ConfigError(f"train.tuned_blocks must be in [0, {len(self._blocks()) - 1}] for this trunk, got {blocks}")
+        self.tuned_blocks = blocks
+
+    def top(self) -> list[nn.Module]:
+        """The blocks `split` moved after the views' features (modules of the trunk, not registered twice)."""
+        return self._blocks()[len(self._blocks()) - self.tuned_blocks:] if self.tuned_blocks else []
+
+    def _blocks(self) -> list[nn.Module]:
+        """The convolutional trunk's blocks in order, the first being the stem."""
+        if self.family == "mobilenet_v2":
+            return list(self.trunk.features)
+        t = self.trunk
+        stem = nn.Sequential(t.conv1, t.bn1, t.relu, t.maxpool)
+        return [stem, *t.layer1, *t.layer2, *t.layer3, *t.layer4]
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
+        """The trunk's feature map (N, C, h, w) before `top`, for ImageNet-normalised images."""
         if self.family != "vit":
             x = x.contiguous(memory_format=torch.channels_last)
-        if self.family == "mobilenet_v2":
-            return self.trunk.features(x)
-        if self.family == "resnet":
-            t = self.trunk
-            x = t.maxpool(t.relu(t.bn1(t.conv1(x))))
-            return t.layer4(t.layer3(t.layer2(t.layer1(x))))
+            blocks = self._blocks()
+            for block in blocks[:len(blocks) - self.tuned_blocks]:
+                x = block(x)
+            return x
         tokens = self.trunk.forward_features(x)[:, self.trunk.num_prefix_tokens:]
         h, w = x.shape[2] // self.stride, x.shape[3] // self.stride
         return tokens.transpose(1, 2).reshape(x.shape[0], -1, h, w)
 
+    def logits(self, features: torch.Tensor) -> torch.Tensor:
+        """Logits at the feature cells from `features`' maps."""
+        for block in self.top():
+            features = block(features)
+        return self.head(features)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Logits (N, classes, H, W) for ImageNet-normalised images (N, 3, H, W)."""
-        return F.interpolate(self.head(self.features(x)), size=x.shape[-2:], mode="bilinear", align_corners=False)
+        return F.interpolate(self.logits(self.features(x)), size=x.shape[-2:], mode="bilinear", align_corners=False)
 
     @torch.inference_mode()
     def view_features(self, rgb: np.ndarray, inference: Inference) -> list[torch.Tensor]:
@@ -97,7 +125,7 @@ class Segmenter(nn.Module):
         """Class probabilities (classes, H, W) at the photo's `size`: the mean over `view_features`' views."""
         total = 0
         for index, features in enumerate(views):
-            logits = self.head(features[None].to(self.mean.device, self.mean.dtype))
+            logits = self.logits(features[None].to(self.mean.device, self.mean.dtype))
             logits = logits.flip(-1) if index % 2 else logits
             total = total + F.interpolate(logits, size=size, mode="bilinear", align_corners=False).softmax(1)[0]
         return total / len(views)

@@ -39,7 +39,7 @@ from torch import nn
 
 from pipeline import distributed, torchrun
 from pipeline.artifacts import atomic_write
-from pipeline.backbones import IMAGENET_MEAN, IMAGENET_STD, BackboneName, BackboneParams, resolve_weights, weights_key
+from pipeline.backbones import SPECS, IMAGENET_MEAN, IMAGENET_STD, BackboneName, BackboneParams, resolve_weights, weights_key
 from pipeline.context import Context, write_items
 from pipeline.errors import ConfigError, InputError
 from pipeline.images import BadImage, load_rgb, read_label_png, stem_of, write_label_png
@@ -57,6 +57,7 @@ VERSION = 10  # 2: MobileNetV2 dilated to output stride 16; 3: 320-channel Mobil
 # 10: trunk modes (frozen on the CPU by default), multi-scale views, refined predictions, confident-only
 # self-training targets and a border ignore band: predictions average softmax scores, not logits; rounds=2,
 # confidence 0.5 and guided refinement by default (held-out VOC: round 2 +1.7 points over round 1, 3 seeds)
+TUNED_LR_SCALE = 0.1  # pretrained blocks move slower than the new head, as in fine-tuning recipes
 MIN_BATCH = 2  # BatchNorm in training needs 2 samples per channel (the head's image-pooling branch is 1x1)
 TrunkMode = Literal["auto", "frozen", "finetune"]
 # What epochs, lr, crop_size and base_size left at 0 mean, per trunk mode (README: "The segmenter")
@@ -81,6 +82,8 @@ class Params:
     refine: RefineParams = RefineParams("guided")  # predictions' scores refined along the photo's colour edges
     confidence: float = 0.5  # self-training targets ignore pixels predicted with a lower probability
     border: int = 0  # round 1 ignores pseudo-mask pixels within this many pixels of another label
+    # frozen: the trunk's last blocks that train with the head, on the features cached before them
+    tuned_blocks: int = 0
 
     def __post_init__(self):
         for name in ("rounds", "epochs", "crop_size", "base_size", "border", "lr"):
@@ -119,11 +122,16 @@ def key_params(cfg) -> dict:
     device = "cuda" if cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available()) else "cpu"
     params = cfg.train.for_device(device)  # the recipe that runs, as the runner resolves `device`
     trunk = weights_key(BackboneParams(params.backbone, params.weights), section="train")
-    return {**dataclasses.asdict(params), "backbone": trunk["name"], "weights": trunk, "seed": cfg.seed}
+    key = {**dataclasses.asdict(params), "backbone": trunk["name"], "weights": trunk, "seed": cfg.seed}
+    if not params.tuned_blocks or params.trunk == "finetune":  # no blocks tuned (keys made before they could be stay
+        del key["tuned_blocks"]  # valid), or all of them
+    return key
 
 
 def check(ctx: Context, params: Params) -> None:
     resolve_weights(BackboneParams(params.backbone, params.weights), section="train")
+    if params.tuned_blocks and SPECS[params.backbone].family == "vit":  # before any feature is computed
+        raise ConfigError("train.tuned_blocks needs a convolutional trunk (mobilenet_v2 or a resnet), not a ViT")
     world = _world()[1]
     if params.batch_size % world:
         raise ConfigError(f"train.batch_size={params.batch_size} does not split over {world} processes")
@@ -202,8 +210,9 @@ def train_round(job: Job, round_index: int, targets: list[Target], views: Cached
         trained, dataset = model, Photos(job, targets, round_index)
     else:
         model.trunk.load_state_dict(views.trunk)
+        model.split(params.tuned_blocks)
         trained, dataset = HeadOnFeatures(model), FeatureCrops(job, targets, round_index, views)
-    optimizer = torch.optim.Adam(trained.parameters(), lr=params.lr, weight_decay=params.weight_decay)
+    optimizer = torch.optim.Adam(parameter_groups(trained), lr=params.lr, weight_decay=params.weight_decay)
     scaler = torch.amp.GradScaler(device.type, enabled=device.type == "cuda")
     latest, best = job.work / f"round{round_index}_latest.pt", job.work / f"round{round_index}_best.pt"
     meta = {"backbone": {"name": params.backbone, "weights": params.weights}, "num_classes": job.num_classes,
@@ -232,7 +241,7 @@ def train_round(job: Job, round_index: int, targets: list[Target], views: Cached
         started = time.perf_counter()
         lr = params.lr * (1 - (epoch - 1) / params.epochs) ** 0.9
         for group in optimizer.param_groups:
-            group["lr"] = lr
+            group["lr"] = lr * group["lr_scale"]
         dataset.epoch = epoch
         sampler.set_epoch(epoch)
         batches = ctx.progress(loader, f"train r{round_index} e{epoch}/{params.epochs}", unit="batch") if rank == 0 else loader
@@ -303,6 +312,8 @@ def predict_round(job: Job, round_index: int, names: list[str], views: CachedVie
     model = Segmenter(BackboneParams(job.params.backbone, "random"), state["num_classes"])
     model.load_state_dict(state["model"])
     model.to(job.ctx.device).eval()
+    if views is not None:  # the cached views end where the tuned blocks begin
+        model.split(job.params.tuned_blocks)
     inference = Inference.from_dict(state["inference"])
     folder = job.work / f"round{round_index}_masks"
     pairs = [(folder / name, folder / "confidence" / name) for name in names]
@@ -413,6 +424,7 @@ def cached_views(job: Job) -> CachedViews:
         torch.manual_seed(job.ctx.cfg.seed)  # a random trunk (by request, or in tests) is the same on resume
         model = Segmenter(BackboneParams(job.params.backbone, job.params.weights), job.num_classes)
     model.to(job.ctx.device).eval()
+    model.split(job.params.tuned_blocks)
     features = []
     for path in job.ctx.progress(job.images, "trunk features"):
         try:
@@ -424,15 +436,34 @@ def cached_views(job: Job) -> CachedViews:
 
 
 class HeadOnFeatures(nn.Module):
-    """The segmenter's head alone, on trunk features: logits upsampled `upsampling` times, to the
-    resolution of FeatureCrops' targets."""
+    """The segmenter's head and its trunk's tuned blocks (`Segmenter.split`), on the cached features
+    before them: logits upsampled `upsampling` times, to the resolution of FeatureCrops' targets. The
+    tuned blocks keep their BatchNorm statistics: batches of a few crops would only add noise to them."""
 
     def __init__(self, segmenter: Segmenter):
         super().__init__()
         self.head, self.upsampling = segmenter.head, loss_upsampling(segmenter.stride)
+        self.tuned = nn.ModuleList(segmenter.top())
+
+    def train(self, mode: bool = True) -> HeadOnFeatures:
+        super().train(mode)
+        for module in self.tuned.modules():
+            if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                module.eval()
+        return self
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
+        for block in self.tuned:
+            features = block(features)
         return F.interpolate(self.head(features), scale_factor=self.upsampling, mode="bilinear", align_corners=False)
+
+
+def parameter_groups(trained: nn.Module) -> list[dict]:
+    """The optimizer's groups: pretrained tuned blocks learn at TUNED_LR_SCALE of the head's rate."""
+    tuned = list(trained.tuned.parameters()) if isinstance(trained, HeadOnFeatures) else []
+    known = {id(p) for p in tuned}
+    groups = [{"params": [p for p in trained.parameters() if id(p) not in known], "lr_scale": 1.0}]
+    return groups + ([{"params": tuned, "lr_scale": TUNED_LR_SCALE}] if tuned else [])
 
 
 def loss_upsampling(stride: int) -> int:

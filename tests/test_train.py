@@ -140,6 +140,37 @@ def test_the_frozen_trunk_stays_as_loaded_and_predict_segments_as_training_did(i
     assert np.mean(agree["out"]) > 0.995 and np.mean(agree["out"]) > np.mean(agree["plain"])
 
 
+@pytest.mark.parametrize("backbone", ["mobilenet_v2", "resnet50"])
+def test_splitting_off_the_tuned_blocks_keeps_the_network_and_its_state_dict(backbone):
+    model = Segmenter(BackboneParams(backbone, "random"), 4).eval()
+    x, keys = torch.randn(1, 3, 64, 48), list(model.state_dict())
+    with torch.inference_mode():
+        whole = model(x)
+        model.split(2)
+        cut = model.features(x)
+        assert torch.allclose(model(x), whole, atol=1e-5) and list(model.state_dict()) == keys
+        assert torch.allclose(model.logits(cut), model.head(model.top()[1](model.top()[0](cut))))
+    with pytest.raises(ConfigError, match="tuned_blocks must be in"):
+        model.split(len(model._blocks()))
+
+
+def test_tuned_blocks_train_with_the_head_on_their_cached_inputs(images, tmp_path):
+    options = ("train.backbone=mobilenet_v2", "train.weights=random", "train.tuned_blocks=2", "train.epochs=2")
+    entry = _entry(tmp_path / "wd", _train(images, tmp_path / "wd", *options))
+    trained = load_checkpoint(entry / "latest.pt")["model"]
+    initial = Segmenter(BackboneParams("mobilenet_v2", "random"), 4).state_dict()
+    moved = {name.split(".")[2] for name, value in initial.items()
+             if name.startswith("trunk.") and not torch.equal(value, trained[name])}
+    assert moved == {"16", "17"}  # the last two blocks learnt; the rest of the trunk is as loaded
+    assert all(torch.equal(initial[n], trained[n]) for n in initial if n.startswith("trunk.") and "running" in n)
+    predict_folder(entry / "latest.pt", images, tmp_path / "out", torch.device("cpu"))
+    agree = [np.mean(read_label_png(mask) == read_label_png(tmp_path / "out" / "masks" / mask.name))
+             for mask in sorted((entry / "masks").glob("*.png"))]
+    assert np.mean(agree) > 0.995  # predict runs the whole trunk; training's predictions ran the cached views
+    with pytest.raises(ConfigError, match="needs a convolutional trunk"):
+        _train(images, tmp_path / "vit", "train.tuned_blocks=1")
+
+
 def test_targets_ignore_the_border_band_and_unconfident_pixels(tmp_path):
     labels = np.zeros((6, 10), np.uint8)
     labels[:, 5:] = 3
@@ -158,6 +189,9 @@ def test_the_trunk_mode_the_device_resolves_to_is_the_cache_key():
     assert frozen["trunk"] == "frozen" and frozen == stages.train.key_params(tiny_config("train.trunk=frozen"))
     finetune = stages.train.key_params(tiny_config("train.trunk=finetune", "train.epochs=0", "train.lr=0"))
     assert (finetune["epochs"], finetune["lr"]) == (stages.train.RECIPES["finetune"]["epochs"], 6e-5)
+    assert "tuned_blocks" not in frozen and stages.train.key_params(tiny_config("train.tuned_blocks=2"))["tuned_blocks"] == 2
+    assert finetune == stages.train.key_params(tiny_config("train.trunk=finetune", "train.epochs=0", "train.lr=0",
+                                                           "train.tuned_blocks=2"))  # finetuning trains every block
 
 
 def _pseudo_entry(images, workdir):
