@@ -1,7 +1,7 @@
 """Variants of the spectral clustering's graph, each scored as the pseudo masks it would paint, in milliseconds.
 
     python3 benchmarks/cluster_graph_variants.py --workdir WD --labels LABELDIR [--k 20] [--seeds 0 1 2]
-                                                 [--rows neighbours averaged same-image mutual weighted eigenvectors]
+                                                 [--rows neighbours averaged same-image mutual weighted eigenvectors assignment]
 
 WD is a finished run up to the pseudo masks (its embed entry and object maps are read, nothing is
 written). Each object's ground-truth pixel histogram is counted once; an assignment then gives the
@@ -29,7 +29,10 @@ from pipeline.artifacts import read_json  # noqa: E402
 from pipeline.images import read_label_png  # noqa: E402
 from pipeline.outputs import IGNORE, ITEMS, embedding_rows, load_embeddings, load_objects, object_file  # noqa: E402
 from pipeline.runner import Workdir  # noqa: E402
+from pipeline.faiss_runtime import faiss  # noqa: E402
 from stages import cluster  # noqa: E402
+
+ASSIGNMENTS = ("unit rows", "discretize", "cluster_qr", "neighbour vote", "k-means from its centroids")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -86,6 +89,33 @@ def partition(graph: scipy.sparse.spmatrix, params: cluster.Params, seed: int, e
                                     params, seed)
 
 
+def relabelled(graph: scipy.sparse.spmatrix, params: cluster.Params, seed: int, how: str, unit: np.ndarray) -> np.ndarray:
+    """The default graph's objects grouped another way: k-means on the eigenvector rows normalised to unit
+    length (Ng, Jordan and Weiss), scikit-learn's `discretize` or `cluster_qr` label assignment, or the
+    stage's partition followed by one vote of each object's graph neighbours or by spherical k-means on
+    the vectors from its clusters' centroids."""
+    from sklearn.cluster._spectral import cluster_qr, discretize
+
+    inverse_sqrt_degree = 1.0 / np.sqrt(np.asarray(graph.sum(axis=1)).ravel())
+    normalised = scipy.sparse.diags(inverse_sqrt_degree) @ graph @ scipy.sparse.diags(inverse_sqrt_degree)
+    leading = np.linalg.eigh(normalised.toarray())[1][:, -params.k:]
+    if how == "unit rows":
+        rows = leading / np.linalg.norm(leading, axis=1, keepdims=True)
+        return cluster.kmeans_plus_plus(np.ascontiguousarray(rows, dtype=np.float32), params, seed)
+    if how == "discretize":
+        return discretize(leading * inverse_sqrt_degree[:, None], random_state=seed).astype(np.int32)
+    if how == "cluster_qr":
+        return cluster_qr(leading * inverse_sqrt_degree[:, None]).astype(np.int32)
+    assignment = cluster.graph_partition(graph.tocsr(), params, seed)
+    if how == "neighbour vote":
+        members = scipy.sparse.csr_matrix((np.ones(len(unit)), (np.arange(len(unit)), assignment)), shape=(len(unit), params.k))
+        return np.asarray((graph @ members).toarray() + 1e-3 * members.toarray()).argmax(axis=1).astype(np.int32)
+    centroids = cluster.members_centroids(unit, assignment, params.k)[0]
+    kmeans = faiss.Kmeans(unit.shape[1], params.k, niter=20, spherical=True, min_points_per_centroid=1)
+    kmeans.train(unit, init_centroids=centroids)
+    return kmeans.index.search(unit, 1)[1][:, 0].astype(np.int32)
+
+
 def variants(unit: np.ndarray, photo_of_object: np.ndarray, rows: list[str]) -> dict[str, tuple]:
     """name -> (graph, eigenvectors) for the chosen row families."""
     graph = {n: cluster.neighbour_graph(unit, n) for n in (5, 8, 10, 12, 15, 20, 30)}
@@ -107,6 +137,9 @@ def variants(unit: np.ndarray, photo_of_object: np.ndarray, rows: list[str]) -> 
     if "weighted" in rows:  # edges weighted by cosine similarity
         similarity = np.maximum(unit @ unit.T, 0)
         chosen |= {f"cosine-weighted neighbours {n}": (graph[n].multiply(similarity), 0) for n in (10, 20, 30)}
+    if "assignment" in rows:  # the default graph (10 neighbours + same-photo edges), its groups found otherwise
+        default = graph[10] + cluster.same_photo_graph(photo_of_object)
+        chosen |= {f"default graph, {how}": (default, how) for how in ASSIGNMENTS}
     if "eigenvectors" in rows:  # k-means on more eigenvectors than k
         for n in (10, 20, 30):
             chosen |= {f"neighbours {n}, {e} eigenvectors": (graph[n], e) for e in (25, 30, 40)}
@@ -120,7 +153,7 @@ def main() -> None:
     parser.add_argument("--k", type=int, default=20)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--rows", nargs="+", default=["neighbours", "averaged", "same-image", "mutual", "weighted",
-                                                      "eigenvectors"])
+                                                      "eigenvectors", "assignment"])
     args = parser.parse_args()
     counts = histograms(args.workdir, args.labels)
     unit = cluster._unit(load_embeddings(Workdir(args.workdir).latest_entry("embed")))  # as the stage's spectral
@@ -128,7 +161,8 @@ def main() -> None:
     everything = np.ones(len(counts.names), bool)
     half_a = np.array([int(hashlib.sha256(name.encode()).hexdigest(), 16) % 2 == 0 for name in counts.names])
     for name, (graph, eigenvectors) in variants(unit, counts.photo_of_object, args.rows).items():
-        runs = [partition(graph, params, seed, eigenvectors) for seed in args.seeds]
+        runs = [relabelled(graph, params, seed, eigenvectors, unit) if eigenvectors in ASSIGNMENTS
+                else partition(graph, params, seed, eigenvectors) for seed in args.seeds]
         scored = [[miou(a, counts, args.k, photos) for a in runs] for photos in (everything, half_a, ~half_a)]
         print(f"{name:44s} mIoU {np.mean(scored[0]):.3f} ({min(scored[0]):.3f}-{max(scored[0]):.3f})"
               f"  A {np.mean(scored[1]):.3f}  B {np.mean(scored[2]):.3f}", flush=True)
