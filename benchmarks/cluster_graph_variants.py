@@ -2,13 +2,16 @@
 
     python3 benchmarks/cluster_graph_variants.py --workdir WD --labels LABELDIR [--k 20] [--seeds 0 1 2]
                                                  [--rows neighbours averaged same-image mutual weighted eigenvectors assignment]
+                                                 [--subsets N [--fraction 0.8]]
 
 WD is a finished run up to the pseudo masks (its embed entry and object maps are read, nothing is
 written). Each object's ground-truth pixel histogram is counted once; an assignment then gives the
 confusion that the pseudo_masks stage and `evaluate` would (background 0, object pixels cluster + 1,
 salient pixels of no object 255, counted as wrong), so a variant costs a clustering, not 330 PNGs. On
 VOC-330 the `neighbours 10` row, seed 0, is `evaluate`'s figure for the default pseudo masks (0.4108).
-A / B: the photos whose name's sha256 is even / odd, as in pseudo_label_ablation.py.
+A / B: the photos whose name's sha256 is even / odd, as in pseudo_label_ablation.py. With `--subsets N`,
+each row is scored instead on N random subsets of the photos (80% each), clustered on their own, with
+its mean difference from the default graph's on the same subsets.
 """
 from __future__ import annotations
 
@@ -32,6 +35,7 @@ from pipeline.runner import Workdir  # noqa: E402
 from pipeline.faiss_runtime import faiss  # noqa: E402
 from stages import cluster  # noqa: E402
 
+DEFAULT_ROW = "neighbours 10 + same-photo edges x1.0"  # the stage's graph with its default parameters
 ASSIGNMENTS = ("unit rows", "discretize", "cluster_qr", "neighbour vote", "k-means from its centroids")
 
 
@@ -146,6 +150,23 @@ def variants(unit: np.ndarray, photo_of_object: np.ndarray, rows: list[str]) -> 
     return chosen
 
 
+def subset_scores(unit: np.ndarray, counts: Histograms, rows: list[str], params: cluster.Params, seed: int,
+                  subsets: int, fraction: float) -> dict[str, np.ndarray]:
+    """Each row's mIoU on `subsets` random subsets of the photos (each kept with probability `fraction`,
+    the same subsets for every row and run), clustered on the subset's objects alone: how a variant does
+    on photo sets like this one, rather than on this one, whose score a few discrete outcomes decide."""
+    generator, scored = np.random.default_rng(0), {}
+    for _ in range(subsets):
+        photos = generator.random(len(counts.names)) < fraction
+        kept = photos[counts.photo_of_object]
+        subset = dataclasses.replace(counts, objects=counts.objects[kept], photo_of_object=counts.photo_of_object[kept])
+        for name, (graph, eigenvectors) in variants(unit[kept], subset.photo_of_object, rows).items():
+            assignment = relabelled(graph, params, seed, eigenvectors, unit[kept]) if eigenvectors in ASSIGNMENTS \
+                else partition(graph, params, seed, eigenvectors)
+            scored.setdefault(name, []).append(miou(assignment, subset, params.k, photos))
+    return {name: np.array(values) for name, values in scored.items()}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--workdir", type=Path, required=True)
@@ -154,10 +175,21 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--rows", nargs="+", default=["neighbours", "averaged", "same-image", "mutual", "weighted",
                                                       "eigenvectors", "assignment"])
+    parser.add_argument("--subsets", type=int, default=0,
+                        help="score each row on this many random photo subsets instead, clustered alone (first seed)")
+    parser.add_argument("--fraction", type=float, default=0.8, help="of the photos each subset keeps, on average")
     args = parser.parse_args()
     counts = histograms(args.workdir, args.labels)
     unit = cluster._unit(load_embeddings(Workdir(args.workdir).latest_entry("embed")))  # as the stage's spectral
     params = cluster.Params(k=args.k)
+    if args.subsets:
+        scored = subset_scores(unit, counts, args.rows, params, args.seeds[0], args.subsets, args.fraction)
+        reference = scored.get(DEFAULT_ROW)
+        for name, values in scored.items():
+            paired = "" if reference is None else (f"  against the default {np.mean(values - reference):+.4f}"
+                                                   f" (standard error {np.std(values - reference) / np.sqrt(len(values)):.4f})")
+            print(f"{name:44s} mIoU {np.mean(values):.4f} (sd {np.std(values):.4f}){paired}", flush=True)
+        return
     everything = np.ones(len(counts.names), bool)
     half_a = np.array([int(hashlib.sha256(name.encode()).hexdigest(), 16) % 2 == 0 for name in counts.names])
     for name, (graph, eigenvectors) in variants(unit, counts.photo_of_object, args.rows).items():
