@@ -86,11 +86,16 @@ def partition(graph: scipy.sparse.spmatrix, params: cluster.Params, seed: int, e
     """The stage's partition of `graph` (its `k` leading eigenvectors), or of `eigenvectors` of them."""
     if not eigenvectors:
         return cluster.graph_partition(graph.tocsr(), params, seed)
-    inverse_sqrt_degree = 1.0 / np.sqrt(np.asarray(graph.sum(axis=1)).ravel())
-    normalised = scipy.sparse.diags(inverse_sqrt_degree) @ graph @ scipy.sparse.diags(inverse_sqrt_degree)
-    leading = np.linalg.eigh(normalised.toarray())[1][:, -eigenvectors:]
+    leading, inverse_sqrt_degree = leading_eigenvectors(graph, eigenvectors)
     return cluster.kmeans_plus_plus(np.ascontiguousarray(leading * inverse_sqrt_degree[:, None], dtype=np.float32),
                                     params, seed)
+
+
+def leading_eigenvectors(graph: scipy.sparse.spmatrix, count: int) -> tuple[np.ndarray, np.ndarray]:
+    """(the `count` leading eigenvectors of the graph's normalised affinity, each node's degree ** -0.5)."""
+    inverse_sqrt_degree = 1.0 / np.sqrt(np.asarray(graph.sum(axis=1)).ravel())
+    normalised = scipy.sparse.diags(inverse_sqrt_degree) @ graph @ scipy.sparse.diags(inverse_sqrt_degree)
+    return np.linalg.eigh(normalised.toarray())[1][:, -count:], inverse_sqrt_degree
 
 
 def relabelled(graph: scipy.sparse.spmatrix, params: cluster.Params, seed: int, how: str, unit: np.ndarray) -> np.ndarray:
@@ -100,9 +105,7 @@ def relabelled(graph: scipy.sparse.spmatrix, params: cluster.Params, seed: int, 
     the vectors from its clusters' centroids."""
     from sklearn.cluster._spectral import cluster_qr, discretize
 
-    inverse_sqrt_degree = 1.0 / np.sqrt(np.asarray(graph.sum(axis=1)).ravel())
-    normalised = scipy.sparse.diags(inverse_sqrt_degree) @ graph @ scipy.sparse.diags(inverse_sqrt_degree)
-    leading = np.linalg.eigh(normalised.toarray())[1][:, -params.k:]
+    leading, inverse_sqrt_degree = leading_eigenvectors(graph, params.k)
     if how == "unit rows":
         rows = leading / np.linalg.norm(leading, axis=1, keepdims=True)
         return cluster.kmeans_plus_plus(np.ascontiguousarray(rows, dtype=np.float32), params, seed)

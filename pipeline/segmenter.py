@@ -59,6 +59,7 @@ class Segmenter(nn.Module):
         self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
         self.tuned_blocks = 0  # the trunk's last blocks, run on the views' features rather than in them (`split`)
+        self._chain = self._blocks() if self.family != "vit" else []  # a plain list: the modules stay the trunk's
 
     def split(self, blocks: int) -> None:
         """Move the trunk's last `blocks` blocks from `view_features` to `top`, which `logits` runs on the
@@ -66,13 +67,13 @@ class Segmenter(nn.Module):
         head. The network's function and state dict do not change."""
         if blocks and self.family == "vit":  # a crop of patch tokens would lose the class token they attend to
             raise ConfigError("train.tuned_blocks needs a convolutional trunk (mobilenet_v2 or a resnet), not a ViT")
-        if blocks and not 0 < blocks < len(self._blocks()):
-            raise ConfigError(f"train.tuned_blocks must be in [0, {len(self._blocks()) - 1}] for this trunk, got {blocks}")
+        if blocks and not 0 < blocks < len(self._chain):
+            raise ConfigError(f"train.tuned_blocks must be in [0, {len(self._chain) - 1}] for this trunk, got {blocks}")
         self.tuned_blocks = blocks
 
     def top(self) -> list[nn.Module]:
         """The blocks `split` moved after the views' features (modules of the trunk, not registered twice)."""
-        return self._blocks()[len(self._blocks()) - self.tuned_blocks:] if self.tuned_blocks else []
+        return self._chain[len(self._chain) - self.tuned_blocks:]
 
     def _blocks(self) -> list[nn.Module]:
         """The convolutional trunk's blocks in order, the first being the stem."""
@@ -86,8 +87,7 @@ class Segmenter(nn.Module):
         """The trunk's feature map (N, C, h, w) before `top`, for ImageNet-normalised images."""
         if self.family != "vit":
             x = x.contiguous(memory_format=torch.channels_last)
-            blocks = self._blocks()
-            for block in blocks[:len(blocks) - self.tuned_blocks]:
+            for block in self._chain[:len(self._chain) - self.tuned_blocks]:
                 x = block(x)
             return x
         tokens = self.trunk.forward_features(x)[:, self.trunk.num_prefix_tokens:]
