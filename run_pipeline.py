@@ -83,7 +83,8 @@ def build_parser() -> argparse.ArgumentParser:
                           help="the pseudo masks, or the trained segmenter's predictions on the same images")
     evaluate.add_argument("--classes", type=int, default=21,
                           help="ground-truth classes, background included; a label outside them is an error [21, VOC]")
-    predict = commands.add_parser("predict", help="segment a new folder with a trained checkpoint (masks + overlays)")
+    predict = commands.add_parser("predict", help="segment a new folder with a trained checkpoint (masks + overlays; for "
+                                     "region votes it first runs the training run's saliency stage on the photos)")
     predict.add_argument("--checkpoint", required=True, help="a segmenter checkpoint, e.g. WD/cache/train/<key>/best.pt")
     predict.add_argument("--images", required=True, help="folder of photos to segment (searched recursively)")
     predict.add_argument("--out", required=True, help="folder for the masks and overlays")

@@ -7,8 +7,9 @@ $V/train and $V/val each hold images/ and labels/. For each seed and arm, the pi
 `train` on train/images (labels are never read there); each round's checkpoint then segments
 val/images, and the masks are scored against val/labels with the Hungarian matching computed on the val
 photos alone, as an outside judge would. The pseudo masks are scored on the train photos they were made
-for (the bar the segmenter must clear). Each checkpoint is scored with its own inference options and
-with each test-time option alone (flip only, multi-scale, refined, both). Frozen-trunk features do not
+for (the bar the segmenter must clear). Each checkpoint is scored with its own inference options, without
+its region votes (which read the val photos' saliency masks, made in WD/val-saliency as `predict` makes
+them), and with each test-time option alone (flip only, multi-scale, refined). Frozen-trunk features do not
 depend on the arm or seed, so one process computes them once (training's, through `cached_views`, and
 the val photos'). Prints one JSON line per (seed, arm, round), then means and spreads over seeds.
 """
@@ -34,7 +35,9 @@ from pipeline.runner import load_config  # noqa: E402
 from pipeline.images import load_rgb, read_label_png, scan_images  # noqa: E402
 from pipeline.refine import RefineParams  # noqa: E402
 from pipeline.segmenter import Inference, segmenter_from_checkpoint  # noqa: E402
+from pipeline.outputs import read_mask  # noqa: E402
 from commands.evaluate import VOC_CLASSES, accumulate, evaluate_workdir, label_files, scores  # noqa: E402
+from commands.predict import saliency_masks  # noqa: E402
 
 MULTI_SCALE = (0.75, 1.0, 1.25)
 
@@ -48,10 +51,10 @@ def hungarian_miou(pairs, num_predicted: int, num_classes: int = VOC_CLASSES) ->
 
 
 def variants(own: Inference, every: bool) -> dict[str, Inference]:
-    """The checkpoint's own inference; the plain one (one scale and its mirror, not refined); with
-    `every`, also multi-scale and refined alone."""
-    plain = dataclasses.replace(own, scales=(1.0,), refine=RefineParams())
-    chosen = {"own": own, "flip": plain}
+    """The checkpoint's own inference, and without its region votes; the plain one (one scale and its mirror,
+    not refined, not voted); with `every`, also multi-scale and refined alone."""
+    plain = dataclasses.replace(own, scales=(1.0,), refine=RefineParams(), region_vote=False)
+    chosen = {"own": own, "unvoted": dataclasses.replace(own, region_vote=False), "flip": plain}
     if every:
         chosen.update({"multiscale": dataclasses.replace(plain, scales=MULTI_SCALE),
                        "refined": dataclasses.replace(plain, refine=RefineParams("guided"))})
@@ -73,12 +76,16 @@ def memoised_views():
     return cached
 
 
-def score_checkpoint(checkpoint: Path, val: Path, val_views: dict, every: bool) -> dict:
+def score_checkpoint(checkpoint: Path, val: Path, val_views: dict, every: bool, saliency_work: Path) -> dict:
+    """Held-out mIoU of each inference variant; region votes read the val photos' saliency masks, made in
+    `saliency_work` with the checkpoint's run settings as `predict` makes them."""
     model, payload = segmenter_from_checkpoint(checkpoint, torch.device("cpu"))
     records = scan_images(val / "images")[0]
     labels = label_files(val / "labels", [r.rel for r in records])
+    own = Inference.from_dict(payload["inference"])
+    foreground = saliency_masks(payload, val / "images", saliency_work, torch.device("cpu")) if own.region_vote else {}
     row = {}
-    for name, inference in variants(Inference.from_dict(payload["inference"]), every).items():
+    for name, inference in variants(own, every).items():
         started, pairs = time.perf_counter(), []
         for record in records:
             rgb = load_rgb(record.path)
@@ -89,7 +96,8 @@ def score_checkpoint(checkpoint: Path, val: Path, val_views: dict, every: bool) 
                     val_views[key] = model.view_features(rgb, dataclasses.replace(inference, scales=MULTI_SCALE))
                 pairs_of = zip(val_views[key][::2], val_views[key][1::2])  # (view, its mirror) per scale
                 views = [v for scale, pair in zip(MULTI_SCALE, pairs_of) if scale in inference.scales for v in pair]
-            predicted, _ = model.predict(rgb, inference, views)
+            mask = read_mask(foreground[record.rel]) if inference.region_vote else None
+            predicted, _ = model.predict(rgb, inference, views, mask)
             pairs.append((predicted, read_label_png(labels[record.rel])))
         row[name] = round(hungarian_miou(pairs, payload["num_classes"]), 4)
         row[f"{name}_s"] = round(time.perf_counter() - started, 1)
@@ -119,7 +127,8 @@ def main(argv=None) -> int:
                 log = torch.load(checkpoint, weights_only=True)["log"]
                 row = {"seed": seed, "arm": arm, "checkpoint": checkpoint.name, "pseudo_masks_on_train": round(pseudo, 4),
                        "run_s": round(seconds, 1), "epochs_s": round(sum(r["seconds"] for r in log), 1),
-                       **score_checkpoint(checkpoint, args.val, val_views, every=checkpoint.name == "round1.pt")}
+                       **score_checkpoint(checkpoint, args.val, val_views, every=checkpoint.name == "round1.pt",
+                                          saliency_work=args.workdir / "val-saliency")}
                 print(json.dumps(row), flush=True)
                 results.append(row)
     for arm in dict.fromkeys(r["arm"] for r in results):

@@ -60,6 +60,11 @@ def join(device: torch.device) -> Share:
     return Share(dist.get_rank(), dist.get_world_size())
 
 
+def joined() -> bool:
+    """Whether this process is in a process group (a caller's, which a callee must not leave)."""
+    return dist.is_available() and dist.is_initialized()
+
+
 def leave() -> None:
     """Leave the process group before the process ends: a group torn down at exit, while a peer's
     connection closes, aborts the process (gloo: "terminate called without an active exception")."""

@@ -161,12 +161,14 @@ def run(cfg: Config, images_dir: str | Path, workdir: str | Path, start: str | N
     if first_rank:
         _print_left_out(left_out, Path(workdir) / STATE)
     fix_mmap_threshold()
+    in_callers_group = distributed.joined()  # `predict` runs the saliency stage inside its own group
     # Under torchrun rank 0 holds the lock for all the processes.
     try:
         with workdir_lock(workdir) if first_rank else contextlib.nullcontext():
             return _run(cfg, images, left_out, images_dir, workdir, start, only, log if first_rank else _quiet)
     finally:
-        distributed.leave()
+        if not in_callers_group:
+            distributed.leave()
 
 
 def _run(cfg: Config, images: list[ImageRecord], left_out: list[dict], images_dir, workdir, start: str | None,

@@ -11,6 +11,7 @@ import dataclasses
 import random
 from pathlib import Path
 
+import cv2
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -22,7 +23,7 @@ from pipeline.errors import ConfigError, InputError
 from pipeline.refine import RefineParams, refine_scores
 
 FORMAT = "objseg.segmenter/4"  # 2: MobileNetV2 heads read 320 channels; 3: predict_size replaces base_size;
-# 4: `inference` (short side, scales, refinement) replaces predict_size
+# 4: `inference` (short side, scales, refinement) replaces predict_size (`region_vote`, added later, is False when absent)
 CHANNELS = {"resnet": 2048, "mobilenet_v2": 320}
 STRIDES = {"resnet": 8, "mobilenet_v2": 16}  # dilated output strides; a ViT's is its patch size
 
@@ -31,14 +32,17 @@ STRIDES = {"resnet": 8, "mobilenet_v2": 16}  # dilated output strides; a ViT's i
 class Inference:
     """How a segmenter predicts, recorded in its checkpoint so that `predict` segments new photos as
     training predicted its own: the softmax scores of the photo at each scale of `short_side` and of its
-    mirror image are averaged, optionally refined along the photo's colour edges, then argmaxed."""
+    mirror image are averaged, optionally refined along the photo's colour edges, then argmaxed; with
+    `region_vote`, each salient region of the photo then takes one object class by vote (`region_votes`):
+    such an inference needs the photo's saliency foreground."""
     short_side: int
     scales: tuple[float, ...] = (1.0,)
     refine: RefineParams = RefineParams()
+    region_vote: bool = False
 
     @classmethod
     def from_dict(cls, raw: dict) -> Inference:
-        return cls(raw["short_side"], tuple(raw["scales"]), RefineParams(**raw["refine"]))
+        return cls(raw["short_side"], tuple(raw["scales"]), RefineParams(**raw["refine"]), raw.get("region_vote", False))
 
 
 class Segmenter(nn.Module):
@@ -130,17 +134,51 @@ class Segmenter(nn.Module):
             total = total + F.interpolate(logits, size=size, mode="bilinear", align_corners=False).softmax(1)[0]
         return total / len(views)
 
-    def predict(self, rgb: np.ndarray, inference: Inference, views: list[torch.Tensor] | None = None
-                ) -> tuple[np.ndarray, np.ndarray]:
+    def predict(self, rgb: np.ndarray, inference: Inference, views: list[torch.Tensor] | None = None,
+                foreground: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
         """(class ids, confidence) (H, W) of one uint8 RGB image: the uint8 id of the highest refined
-        probability, and that probability (float32). `views` are its `view_features` when known."""
+        probability, and that probability (float32); with `inference.region_vote`, the salient regions of
+        `foreground` (the photo's saliency mask, non-zero = salient) voted. `views` are its `view_features`
+        when known."""
+        if inference.region_vote and (foreground is None or foreground.shape != rgb.shape[:2]):
+            raise ValueError(f"this inference votes over salient regions: it needs the photo's {rgb.shape[:2]} "
+                             f"foreground, got {None if foreground is None else foreground.shape}")
         views = self.view_features(rgb, inference) if views is None else views
         probabilities = self.scores(views, rgb.shape[:2]).permute(1, 2, 0).cpu().numpy()
         # Only classes that win somewhere are refined (3-4 of VOC's 21 in a photo: the filter's cost is per
         # class); a class that wins nowhere before refinement stays out of the argmax after it.
         present = np.unique(probabilities.argmax(-1))
         refined = refine_scores(rgb, np.ascontiguousarray(probabilities[..., present]), inference.refine)
-        return present[refined.argmax(-1)].astype(np.uint8), refined.max(-1)
+        labels, confidence = present[refined.argmax(-1)].astype(np.uint8), refined.max(-1)
+        if inference.region_vote:
+            return region_votes(probabilities, salient_regions(foreground), labels, confidence)
+        return labels, confidence
+
+
+def salient_regions(foreground: np.ndarray) -> np.ndarray:
+    """(H, W) int32: 1..n on the 8-connected components of a saliency mask's non-zero pixels, 0 elsewhere:
+    the photo's objects as the objects stage splits them, the components too small to be objects included."""
+    return cv2.connectedComponents((foreground != 0).astype(np.uint8), connectivity=8)[1]
+
+
+def region_votes(probabilities: np.ndarray, regions: np.ndarray, labels: np.ndarray, confidence: np.ndarray
+                 ) -> tuple[np.ndarray, np.ndarray]:
+    """Each region (> 0) of `regions` painted with the object class (not background) of highest mean
+    probability over its pixels, its confidence that mean; `labels` and `confidence` stay elsewhere. The
+    saliency model draws the shapes and the segmenter names them, object by object, as the pseudo masks
+    paint one cluster per object (README, "The segmenter"). `probabilities` (H, W, C) are the unrefined averaged scores."""
+    count = int(regions.max(initial=0))
+    if not count:
+        return labels, confidence
+    flat = regions.ravel()
+    sums = np.stack([np.bincount(flat, probabilities[..., c].ravel(), count + 1)
+                     for c in range(probabilities.shape[-1])], axis=-1)[1:]
+    winner = sums[:, 1:].argmax(1) + 1
+    mean = sums[np.arange(count), winner] / np.bincount(flat, minlength=count + 1)[1:]
+    inside = regions > 0
+    labels = np.where(inside, np.concatenate([[0], winner])[regions], labels).astype(np.uint8)
+    confidence = np.where(inside, np.concatenate([[0.0], mean])[regions], confidence).astype(np.float32)
+    return labels, confidence
 
 
 def rng_state() -> dict:

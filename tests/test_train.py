@@ -5,6 +5,7 @@ import csv
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -17,9 +18,11 @@ from pipeline.artifacts import read_json
 from pipeline.backbones import BackboneParams
 from pipeline.errors import ConfigError, InputError
 from pipeline.images import read_label_png, write_label_png
+from pipeline.outputs import read_mask
 from pipeline.refine import RefineParams
-from pipeline.segmenter import Inference, Segmenter, load_checkpoint, save_checkpoint, segmenter_from_checkpoint
-from commands.predict import predict_folder
+from pipeline.segmenter import (Inference, Segmenter, load_checkpoint, region_votes, salient_regions, save_checkpoint,
+                                segmenter_from_checkpoint)
+from commands.predict import predict_folder, saliency_masks
 from tests.conftest import ROOT, quiet, tiny_config
 
 
@@ -81,6 +84,27 @@ def test_checkpoint_round_trip_gives_the_same_predictions(tmp_path):
     assert payload["num_classes"] == 4 and "rng" in payload
 
 
+def test_each_salient_region_takes_the_object_class_its_pixels_find_likeliest_on_average():
+    probabilities = np.zeros((12, 16, 4), np.float32)
+    probabilities[...] = (0.7, 0.1, 0.1, 0.1)
+    labels, confidence = np.zeros((12, 16), np.uint8), np.full((12, 16), 0.7, np.float32)
+    foreground = np.zeros((12, 16), np.uint8)
+    foreground[1:4, 1:4] = foreground[4:6, 4:6] = 255  # touching at a corner: one region (8-connected)
+    probabilities[1:4, 1:4] = (0.6, 0.1, 0.1, 0.2)  # background wins each pixel; class 3 is the likeliest object
+    probabilities[4:6, 4:6] = (0.1, 0.5, 0.1, 0.3)  # 4 pixels for class 1 cannot outvote 9 pixels' mean for 3
+    foreground[8:11, 8:14] = 1
+    probabilities[8:11, 8:10] = (0.0, 0.9, 0.1, 0.0)  # 6 pixels sure of class 1 ...
+    probabilities[8:11, 10:14] = (0.0, 0.4, 0.6, 0.0)  # ... outweigh 12 that lean to class 2
+    labels[0, 10:16] = 2  # the segmenter's own object outside any salient region stays
+    voted, sure = region_votes(probabilities, salient_regions(foreground), labels, confidence)
+    assert (voted[1:4, 1:4] == 3).all() and (voted[4:6, 4:6] == 3).all() and (voted[8:11, 8:14] == 1).all()
+    assert (voted[0, 10:16] == 2).all() and voted[foreground == 0].sum() == 12  # elsewhere unchanged
+    assert sure[9, 12] == pytest.approx((6 * 0.9 + 12 * 0.4) / 18) and sure[0, 0] == pytest.approx(0.7)
+    with pytest.raises(ValueError, match="foreground"):
+        Segmenter(BackboneParams("vit_tiny_random"), 4).eval().predict(
+            np.zeros((32, 32, 3), np.uint8), Inference(32, region_vote=True))
+
+
 def test_checkpoints_that_do_not_fit_are_named(tmp_path):
     model = Segmenter(BackboneParams("vit_tiny_random"), 4)
     save_checkpoint(tmp_path / "c.pt", model, {"backbone": {"name": "vit_tiny_random", "weights": ""}, "num_classes": 4})
@@ -129,7 +153,7 @@ def test_the_frozen_trunk_stays_as_loaded_and_predict_segments_as_training_did(i
     torch.manual_seed(tiny_config().seed)  # the random test trunk the features were computed with
     loaded = Segmenter(BackboneParams("vit_tiny_random"), 4).trunk.state_dict()
     assert all(torch.equal(payload["model"][f"trunk.{name}"], value) for name, value in loaded.items())
-    assert Inference.from_dict(payload["inference"]) == Inference(80, (0.75, 1.0), RefineParams("guided"))
+    assert Inference.from_dict(payload["inference"]) == Inference(80, (0.75, 1.0), RefineParams("guided"), region_vote=True)
     predict_folder(entry / "latest.pt", images, tmp_path / "out", torch.device("cpu"))
     predict_folder(entry / "latest.pt", images, tmp_path / "plain", torch.device("cpu"), inference=Inference(80))
     agree = {"out": [], "plain": []}
@@ -138,6 +162,15 @@ def test_the_frozen_trunk_stays_as_loaded_and_predict_segments_as_training_did(i
             agree[name].append(np.mean(read_label_png(mask) == read_label_png(tmp_path / name / "masks" / mask.name)))
     # The same options (features cached in float16 for training's own predictions, float32 in predict)
     assert np.mean(agree["out"]) > 0.995 and np.mean(agree["out"]) > np.mean(agree["plain"])
+    # predict masked the photos with the run's saliency settings (cached: asked again, nothing is recomputed),
+    # and gave each salient region one object class
+    foreground = saliency_masks(payload, images, tmp_path / "out" / "saliency", torch.device("cpu"))
+    assert len(foreground) == 10
+    for rel, path in foreground.items():
+        labels = read_label_png(tmp_path / "out" / "masks" / f"{Path(rel).stem}.png")
+        regions = salient_regions(read_mask(path))
+        assert all(np.unique(labels[regions == r]).size == 1 and labels[regions == r].min() > 0
+                   for r in range(1, regions.max() + 1))
 
 
 @pytest.mark.parametrize("backbone", ["mobilenet_v2", "resnet50"])
@@ -242,6 +275,11 @@ def test_predict_segments_unseen_images_and_resumes(shapes_dir, images, tmp_path
         f.write(b"\0")
     with pytest.raises(InputError, match="another checkpoint"):
         predict_folder(other, unseen, tmp_path / "out", torch.device("cpu"))
+    payload = torch.load(checkpoint, weights_only=True)  # region votes need the run's saliency model, gone here
+    payload["run_config"]["saliency"].update(method="onnx", model=str(tmp_path / "gone.onnx"))
+    torch.save(payload, other)
+    with pytest.raises(InputError, match="gone.onnx: no such file"):
+        predict_folder(other, unseen, tmp_path / "elsewhere", torch.device("cpu"))
 
 
 def test_evaluate_the_segmenter(shapes_dir, images, tmp_path):
