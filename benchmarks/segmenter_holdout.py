@@ -2,6 +2,7 @@
 
   python3 benchmarks/segmenter_holdout.py --train $V/train --val $V/val --workdir WD --seeds 0 1 2 \
       [--arm NAME "OVERRIDES"]... -- COMMON_OVERRIDES...
+  python3 benchmarks/segmenter_holdout.py --data $V --folds 5 --workdir WD ... (cross-validation)
 
 $V/train and $V/val each hold images/ and labels/. For each seed and arm, the pipeline runs up to
 `train` on train/images (labels are never read there); each round's checkpoint then segments
@@ -12,11 +13,17 @@ its region votes (which read the val photos' saliency masks, made in WD/val-sali
 them), and with each test-time option alone (flip only, multi-scale, refined). Frozen-trunk features do not
 depend on the arm or seed, so one process computes them once (training's, through `cached_views`, and
 the val photos'). Prints one JSON line per (seed, arm, round), then means and spreads over seeds.
+
+With `--data DIR --folds N` every photo of DIR (images/, labels/) is held out once: fold f holds out the
+photos whose stem's sha256 is f modulo N (links in WD/folds/f/), the other folds' photos train; a seed's
+figure is then the mean over the folds (each fold's Hungarian matching on its own held-out photos), so a
+setting is judged on all of DIR's photos rather than on one small part.
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import hashlib
 import json
 import statistics
 import sys
@@ -104,41 +111,73 @@ def score_checkpoint(checkpoint: Path, val: Path, val_views: dict, every: bool, 
     return row
 
 
+def fold_splits(data: Path, folds: int, workdir: Path) -> list[tuple[Path, Path]]:
+    """(train, val) folders of links for each fold of `data` (images/, labels/): a photo is in fold
+    int(sha256(stem), 16) % folds, a rule that does not move when photos are added."""
+    splits = []
+    for fold in range(folds):
+        root = workdir / "folds" / str(fold)
+        for record in scan_images(data / "images")[0]:
+            stem = Path(record.rel).stem
+            part = root / ("val" if int(hashlib.sha256(stem.encode()).hexdigest(), 16) % folds == fold else "train")
+            for source, link in [(record.path, part / "images" / record.rel),
+                                 (data / "labels" / f"{stem}.png", part / "labels" / f"{stem}.png")]:
+                link.parent.mkdir(parents=True, exist_ok=True)
+                if not link.is_symlink():
+                    link.symlink_to(Path(source).resolve())
+        splits.append((root / "train", root / "val"))
+    return splits
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--train", type=Path, required=True)
-    parser.add_argument("--val", type=Path, required=True)
+    parser.add_argument("--train", type=Path, help="train/ of a fixed split (with --val)")
+    parser.add_argument("--val", type=Path)
+    parser.add_argument("--data", type=Path, help="a labelled folder to cross-validate on (with --folds)")
+    parser.add_argument("--folds", type=int, default=0)
     parser.add_argument("--workdir", type=Path, required=True)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--arm", nargs=2, action="append", metavar=("NAME", "OVERRIDES"), default=[])
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args(argv)
+    if (args.folds > 1) == bool(args.train and args.val) or (args.folds > 1) != bool(args.data):
+        parser.error("give either --train and --val, or --data and --folds N (N >= 2)")
+    splits = fold_splits(args.data, args.folds, args.workdir) if args.folds else [(args.train, args.val)]
     stages.train.cached_views = memoised_views()
     val_views, results = {}, []
-    for seed in args.seeds:
-        for arm, extra in args.arm or [("default", "")]:
-            cfg = load_config(overrides=[*args.overrides, *extra.split(), f"seed={seed}"])
-            started = time.perf_counter()
-            keys = runner.run(cfg, args.train / "images", args.workdir, log=lambda *a, **k: None)
-            seconds = time.perf_counter() - started
-            pseudo = evaluate_workdir(args.workdir, args.train / "labels", source="pseudo_masks")["miou"]
-            entry = args.workdir / "cache" / "train" / keys["train"]
-            for checkpoint in sorted(entry.glob("round*.pt")) + [entry / "latest.pt"]:
-                log = torch.load(checkpoint, weights_only=True)["log"]
-                row = {"seed": seed, "arm": arm, "checkpoint": checkpoint.name, "pseudo_masks_on_train": round(pseudo, 4),
-                       "run_s": round(seconds, 1), "epochs_s": round(sum(r["seconds"] for r in log), 1),
-                       **score_checkpoint(checkpoint, args.val, val_views, every=checkpoint.name == "round1.pt",
-                                          saliency_work=args.workdir / "val-saliency")}
-                print(json.dumps(row), flush=True)
-                results.append(row)
+    for fold, (train, val) in enumerate(splits):
+        for seed in args.seeds:
+            for arm, extra in args.arm or [("default", "")]:
+                cfg = load_config(overrides=[*args.overrides, *extra.split(), f"seed={seed}"])
+                started = time.perf_counter()
+                keys = runner.run(cfg, train / "images", args.workdir, log=lambda *a, **k: None)
+                seconds = time.perf_counter() - started
+                pseudo = evaluate_workdir(args.workdir, train / "labels", source="pseudo_masks")["miou"]
+                entry = args.workdir / "cache" / "train" / keys["train"]
+                for checkpoint in sorted(entry.glob("round*.pt")) + [entry / "latest.pt"]:
+                    log = torch.load(checkpoint, weights_only=True)["log"]
+                    row = {"fold": fold, "seed": seed, "arm": arm, "checkpoint": checkpoint.name,
+                           "pseudo_masks_on_train": round(pseudo, 4), "run_s": round(seconds, 1),
+                           "epochs_s": round(sum(r["seconds"] for r in log), 1),
+                           **score_checkpoint(checkpoint, val, val_views, every=checkpoint.name == "round1.pt",
+                                              saliency_work=args.workdir / "val-saliency")}
+                    print(json.dumps(row), flush=True)
+                    results.append(row)
     for arm in dict.fromkeys(r["arm"] for r in results):
         for checkpoint in dict.fromkeys(r["checkpoint"] for r in results if r["arm"] == arm):
-            rows = [r for r in results if r["arm"] == arm and r["checkpoint"] == checkpoint]
+            rows = [fold_mean([r for r in results if (r["arm"], r["checkpoint"], r["seed"]) == (arm, checkpoint, seed)])
+                    for seed in dict.fromkeys(r["seed"] for r in results if (r["arm"], r["checkpoint"]) == (arm, checkpoint))]
             summary = {name: f"{statistics.mean(r[name] for r in rows):.4f} "
                              f"(spread {max(r[name] for r in rows) - min(r[name] for r in rows):.4f})"
                        for name in rows[0] if isinstance(rows[0][name], float) and not name.endswith("_s")}
             print(json.dumps({"arm": arm, "checkpoint": checkpoint, "seeds": [r["seed"] for r in rows], **summary}))
     return 0
+
+
+def fold_mean(rows: list[dict]) -> dict:
+    """One seed's row: each score's mean over the folds (a fixed split has one)."""
+    return {name: statistics.mean(r[name] for r in rows) if isinstance(value, float) else value
+            for name, value in rows[0].items() if name in set.intersection(*(set(r) for r in rows))}
 
 
 if __name__ == "__main__":
