@@ -90,7 +90,8 @@ def score_checkpoint(checkpoint: Path, val: Path, val_views: dict, every: bool, 
     records = scan_images(val / "images")[0]
     labels = label_files(val / "labels", [r.rel for r in records])
     own = Inference.from_dict(payload["inference"])
-    foreground = saliency_masks(payload, val / "images", saliency_work, torch.device("cpu")) if own.region_vote else {}
+    foreground = {rel: read_mask(path) for rel, path in saliency_masks(
+        payload, val / "images", saliency_work, torch.device("cpu")).items()} if own.region_vote else {}
     row = {}
     for name, inference in variants(own, every).items():
         started, pairs = time.perf_counter(), []
@@ -103,8 +104,7 @@ def score_checkpoint(checkpoint: Path, val: Path, val_views: dict, every: bool, 
                     val_views[key] = model.view_features(rgb, dataclasses.replace(inference, scales=MULTI_SCALE))
                 pairs_of = zip(val_views[key][::2], val_views[key][1::2])  # (view, its mirror) per scale
                 views = [v for scale, pair in zip(MULTI_SCALE, pairs_of) if scale in inference.scales for v in pair]
-            mask = read_mask(foreground[record.rel]) if inference.region_vote else None
-            predicted, _ = model.predict(rgb, inference, views, mask)
+            predicted, _ = model.predict(rgb, inference, views, foreground.get(record.rel) if inference.region_vote else None)
             pairs.append((predicted, read_label_png(labels[record.rel])))
         row[name] = round(hungarian_miou(pairs, payload["num_classes"]), 4)
         row[f"{name}_s"] = round(time.perf_counter() - started, 1)
@@ -114,12 +114,14 @@ def score_checkpoint(checkpoint: Path, val: Path, val_views: dict, every: bool, 
 def fold_splits(data: Path, folds: int, workdir: Path) -> list[tuple[Path, Path]]:
     """(train, val) folders of links for each fold of `data` (images/, labels/): a photo is in fold
     int(sha256(stem), 16) % folds, a rule that does not move when photos are added."""
+    records = scan_images(data / "images")[0]
+    fold_of = {r.rel: int(hashlib.sha256(Path(r.rel).stem.encode()).hexdigest(), 16) % folds for r in records}
     splits = []
     for fold in range(folds):
         root = workdir / "folds" / str(fold)
-        for record in scan_images(data / "images")[0]:
+        for record in records:
             stem = Path(record.rel).stem
-            part = root / ("val" if int(hashlib.sha256(stem.encode()).hexdigest(), 16) % folds == fold else "train")
+            part = root / ("val" if fold_of[record.rel] == fold else "train")
             for source, link in [(record.path, part / "images" / record.rel),
                                  (data / "labels" / f"{stem}.png", part / "labels" / f"{stem}.png")]:
                 link.parent.mkdir(parents=True, exist_ok=True)
@@ -176,8 +178,9 @@ def main(argv=None) -> int:
 
 def fold_mean(rows: list[dict]) -> dict:
     """One seed's row: each score's mean over the folds (a fixed split has one)."""
+    shared = set.intersection(*(set(r) for r in rows))
     return {name: statistics.mean(r[name] for r in rows) if isinstance(value, float) else value
-            for name, value in rows[0].items() if name in set.intersection(*(set(r) for r in rows))}
+            for name, value in rows[0].items() if name in shared}
 
 
 if __name__ == "__main__":
