@@ -64,9 +64,11 @@ VERSION = 10  # 2: MobileNetV2 dilated to output stride 16; 3: 320-channel Mobil
 TUNED_LR_SCALE = 0.1  # pretrained blocks move slower than the new head, as in fine-tuning recipes
 MIN_BATCH = 2  # BatchNorm in training needs 2 samples per channel (the head's image-pooling branch is 1x1)
 TrunkMode = Literal["auto", "frozen", "finetune"]
-# What epochs, lr, crop_size and base_size left at 0 mean, per trunk mode (README: "The segmenter")
+# What epochs, lr, crop_size and base_size left at 0 mean, per trunk mode (README: "The segmenter"). The frozen
+# head stops at 6 epochs: under 5-fold cross-validation on VOC-330 it named held-out objects 1.0 point better
+# than after 12 (3 seeds), the usual early stop against noisy targets, in half the time
 RECIPES = {"finetune": {"epochs": 10, "lr": 6e-5, "crop_size": 512, "base_size": 520},
-           "frozen": {"epochs": 12, "lr": 1e-3, "crop_size": 256, "base_size": 320}}
+           "frozen": {"epochs": 6, "lr": 1e-3, "crop_size": 256, "base_size": 320}}
 
 
 @dataclasses.dataclass(frozen=True)
