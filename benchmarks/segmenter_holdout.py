@@ -12,9 +12,10 @@ for (the bar the segmenter must clear), and on random subsets of them as large a
 same bar, matched on as few photos as the val score is; `pseudo_mask_bars`). Each checkpoint is scored
 with its own inference options, without its region votes (which read the val photos' saliency masks,
 made in WD/val-saliency as `predict` makes them), and with each test-time option alone (flip only,
-multi-scale, refined). Frozen-trunk features do not depend on the arm or seed, so one process computes
-them once (training's, through `cached_views`, and the val photos'). Prints one JSON line per (seed, arm,
-round), then means and spreads over seeds.
+multi-scale, refined; `--no-test-time-variants` skips the last two), on the GPU when there is one.
+Frozen-trunk features do not depend on the arm or seed, so one process computes them once (training's,
+through `cached_views`, and the val photos'). Prints one JSON line per (seed, arm, round), then means and
+spreads over seeds.
 
 With `--data DIR --folds N` every photo of DIR (images/, labels/) is held out once: fold f holds out the
 photos whose stem's sha256 is f modulo N (links in WD/folds/f/), the other folds' photos train; a seed's
@@ -111,7 +112,7 @@ def memoised_views():
 def score_checkpoint(checkpoint: Path, val: Path, val_views: dict, every: bool, saliency_work: Path) -> dict:
     """Held-out mIoU of each inference variant; region votes read the val photos' saliency masks, made in
     `saliency_work` with the checkpoint's run settings as `predict` makes them."""
-    model, payload = segmenter_from_checkpoint(checkpoint, torch.device("cpu"))
+    model, payload = segmenter_from_checkpoint(checkpoint, torch.device("cuda" if torch.cuda.is_available() else "cpu"))
     records = scan_images(val / "images")[0]
     labels = label_files(val / "labels", [r.rel for r in records])
     own = Inference.from_dict(payload["inference"])
@@ -166,6 +167,8 @@ def main(argv=None) -> int:
     parser.add_argument("--workdir", type=Path, required=True)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--arm", nargs=2, action="append", metavar=("NAME", "OVERRIDES"), default=[])
+    parser.add_argument("--no-test-time-variants", action="store_true",
+                        help="score round 1 without multi-scale and refined alone (refinement needs OpenCV's contrib)")
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args(argv)
     if (args.folds > 1) == bool(args.train and args.val) or (args.folds > 1) != bool(args.data):
@@ -190,7 +193,8 @@ def main(argv=None) -> int:
                            "pseudo_masks_on_train": round(pseudo, 4),
                            "pseudo_masks_on_train_at_val_size": round(pseudo_sized, 4), "run_s": round(seconds, 1),
                            "epochs_s": round(sum(r["seconds"] for r in log), 1),
-                           **score_checkpoint(checkpoint, val, val_views, every=checkpoint.name == "round1.pt",
+                           **score_checkpoint(checkpoint, val, val_views, every=checkpoint.name == "round1.pt"
+                                              and not args.no_test_time_variants,
                                               saliency_work=args.workdir / "val-saliency")}
                     print(json.dumps(row), flush=True)
                     results.append(row)
