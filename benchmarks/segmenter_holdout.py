@@ -12,7 +12,7 @@ for (the bar the segmenter must clear), and on random subsets of them as large a
 same bar, matched on as few photos as the val score is; `pseudo_mask_bars`). Each checkpoint is scored
 with its own inference options, without its region votes (which read the val photos' saliency masks,
 made in WD/val-saliency as `predict` makes them), and with each test-time option alone (flip only,
-multi-scale, refined; `--no-test-time-variants` skips the last two), on the GPU when there is one.
+multi-scale, refined; `--no-test-time-variants` skips the last two), on the run's `device`.
 Frozen-trunk features do not depend on the arm or seed, so one process computes them once (training's,
 through `cached_views`, and the val photos'). Prints one JSON line per (seed, arm, round), then means and
 spreads over seeds.
@@ -109,15 +109,16 @@ def memoised_views():
     return cached
 
 
-def score_checkpoint(checkpoint: Path, val: Path, val_views: dict, every: bool, saliency_work: Path) -> dict:
+def score_checkpoint(checkpoint: Path, val: Path, val_views: dict, every: bool, saliency_work: Path,
+                     device: torch.device) -> dict:
     """Held-out mIoU of each inference variant; region votes read the val photos' saliency masks, made in
     `saliency_work` with the checkpoint's run settings as `predict` makes them."""
-    model, payload = segmenter_from_checkpoint(checkpoint, torch.device("cuda" if torch.cuda.is_available() else "cpu"))
+    model, payload = segmenter_from_checkpoint(checkpoint, device)
     records = scan_images(val / "images")[0]
     labels = label_files(val / "labels", [r.rel for r in records])
     own = Inference.from_dict(payload["inference"])
     foreground = {rel: read_mask(path) for rel, path in saliency_masks(
-        payload, val / "images", saliency_work, torch.device("cpu")).items()} if own.region_vote else {}
+        payload, val / "images", saliency_work, device).items()} if own.region_vote else {}
     row = {}
     for name, inference in variants(own, every).items():
         started, pairs = time.perf_counter(), []
@@ -195,7 +196,8 @@ def main(argv=None) -> int:
                            "epochs_s": round(sum(r["seconds"] for r in log), 1),
                            **score_checkpoint(checkpoint, val, val_views, every=checkpoint.name == "round1.pt"
                                               and not args.no_test_time_variants,
-                                              saliency_work=args.workdir / "val-saliency")}
+                                              saliency_work=args.workdir / "val-saliency",
+                                              device=runner.resolve_device(cfg.device))}
                     print(json.dumps(row), flush=True)
                     results.append(row)
     for arm in dict.fromkeys(r["arm"] for r in results):
